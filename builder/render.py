@@ -1,0 +1,135 @@
+"""Render resolved cells into Dockerfiles and the images/ index: pure text in, text out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from builder.errors import ConfigError, RenderCheckError
+from builder.knowledge import Knowledge
+from builder.resolve import Cell, Resolution
+
+IMAGES_README = "README.md"
+
+
+@dataclass(frozen=True)
+class Project:
+    """Where a project's inputs and outputs live; everything is relative to matrix.yaml."""
+
+    root: Path
+
+    @property
+    def matrix(self) -> Path:
+        return self.root / "matrix.yaml"
+
+    @property
+    def templates(self) -> Path:
+        return self.root / "templates"
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def runtime(self) -> Path:
+        return self.root / "runtime"
+
+    @property
+    def build(self) -> Path:
+        return self.root / "build"
+
+    def dockerfile(self, cell: Cell) -> Path:
+        return self.images / cell.id / "Dockerfile"
+
+
+def _dq(value: object) -> str:
+    """A double-quoted Dockerfile string: Docker unescapes only backslash and quote."""
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def environment(templates: Path) -> jinja2.Environment:
+    if not templates.is_dir():
+        raise ConfigError(f"{templates}: templates folder not found; run from the project root")
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    env.filters["tojson"] = _dq
+    return env
+
+
+def apt_packages(cell: Cell) -> list[str]:
+    assert cell.plan is not None
+    packages = ["ca-certificates", "python3", "python3-venv"]
+    if cell.plan.triton == "keep":
+        packages += ["gcc", "libc6-dev", "python3-dev"]
+    return sorted(packages)
+
+
+def dockerfile(env: jinja2.Environment, kb: Knowledge, cell: Cell, image: str) -> str:
+    assert cell.plan is not None, "only valid cells render"
+    return env.get_template("Dockerfile.j2").render(
+        cell=cell,
+        plan=cell.plan,
+        image=image,
+        apt_packages=apt_packages(cell),
+        fa_gb_per_job=kb.fa_build_gb_per_job,
+        einops=kb.fa_einops,
+    )
+
+
+def render_all(project: Project, resolution: Resolution, kb: Knowledge) -> dict[Path, str]:
+    """Every file under images/ that the matrix implies, keyed by path."""
+    env = environment(project.templates)
+    image = resolution.config.image
+    files = {project.dockerfile(c): dockerfile(env, kb, c, image) for c in resolution.cells}
+    files[project.images / IMAGES_README] = env.get_template("images-README.md.j2").render(
+        cells=resolution.cells, image=image, excluded_count=len(resolution.excluded)
+    )
+    return files
+
+
+def write(project: Project, files: dict[Path, str]) -> list[Path]:
+    """Write changed files and delete image folders the matrix no longer has. Returns what changed."""
+    changed: list[Path] = []
+    for path, text in sorted(files.items()):
+        if path.exists() and path.read_text(encoding="utf-8") == text:
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)  # atomic: a reader never sees half a Dockerfile
+        changed.append(path)
+    for stale in _stale(project, files):
+        stale.unlink()
+        if not any(stale.parent.iterdir()):
+            stale.parent.rmdir()
+        changed.append(stale)
+    return changed
+
+
+def _stale(project: Project, files: dict[Path, str]) -> list[Path]:
+    if not project.images.is_dir():
+        return []
+    return sorted(p for p in project.images.glob("*/Dockerfile") if p not in files)
+
+
+def check(project: Project, files: dict[Path, str]) -> None:
+    """Raise naming every file whose committed text differs from the render."""
+    problems: list[str] = []
+    for path, text in sorted(files.items()):
+        rel = path.relative_to(project.root)
+        if not path.exists():
+            problems.append(f"{rel} (missing)")
+        elif path.read_text(encoding="utf-8") != text:
+            problems.append(f"{rel} (differs)")
+    problems += [f"{p.relative_to(project.root)} (stale)" for p in _stale(project, files)]
+    if problems:
+        raise RenderCheckError(
+            f"images/ is out of date: {', '.join(problems)}; run `qwen-ft-images render` and commit"
+        )

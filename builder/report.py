@@ -1,0 +1,95 @@
+"""Stable JSON shapes and human tables for cells. Other tools read these names: keep them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from builder.resolve import Cell, Reason
+
+
+def reason_json(r: Reason) -> dict[str, str]:
+    return {"rule": r.rule, "message": r.message, "source": r.source}
+
+
+def cell_json(cell: Cell) -> dict[str, Any]:
+    """The `explain --json` object; `matrix --json` is a list of these."""
+    out: dict[str, Any] = {
+        "target": cell.spec.target,
+        "sm": cell.sm,
+        "id": cell.id if cell.valid else cell.pinned,
+        "cell": {
+            "cuda": cell.spec.cuda,
+            "torch": cell.spec.torch,
+            "python": cell.spec.python,
+            "flash_attn": cell.spec.flash_attn,
+            "dtype": cell.dtype,
+        },
+        "origin": cell.origin,
+        "recommended": cell.recommended,
+        "valid": cell.valid,
+        "reasons": [reason_json(r) for r in cell.reasons],
+        "notes": [reason_json(r) for r in cell.notes],
+    }
+    if cell.plan is not None:
+        p = cell.plan
+        out["plan"] = {
+            "base_image": p.base_image,
+            "builder_image": p.flash_attn.builder_image,
+            "os": p.os,
+            "python": p.python,
+            "torch": {
+                "version": p.torch.version,
+                "cuda": p.torch.cuda,
+                "index_url": p.torch.index_url,
+                "requirement": p.torch.requirement,
+                "cxx11_abi": p.torch.cxx11_abi,
+            },
+            "flash_attn": {
+                "strategy": p.flash_attn.strategy,
+                "version": p.flash_attn.version,
+                "wheel_url": p.flash_attn.wheel_url,
+                "cuda_archs": p.flash_attn.cuda_archs,
+            },
+            "triton": p.triton,
+            "triton_version": p.triton_version,
+            "triton_reason": p.triton_reason,
+            "dtype": p.dtype,
+            "attn_implementation": p.attn_implementation,
+            "torch_cuda_arch_list": p.torch_cuda_arch_list,
+            "min_driver": p.min_driver,
+            "min_driver_reason": p.min_driver_reason,
+            "stack": dict(p.stack),
+            "tags": list(p.tags),
+            "labels": dict(p.labels),
+        }
+    return out
+
+
+def cell_row(cell: Cell) -> list[str]:
+    s = cell.spec
+    if cell.plan is None:
+        return [
+            cell.pinned,
+            s.target,
+            s.cuda,
+            s.torch,
+            s.python,
+            s.flash_attn,
+            cell.dtype,
+            "; ".join(f"[{r.rule}] {r.message}" for r in cell.reasons) or cell.origin,
+        ]
+    p = cell.plan
+    fa = f"{p.flash_attn.version} ({p.flash_attn.strategy})" if p.flash_attn.version else "none"
+    return [
+        cell.id,
+        s.target + (f" sm_{cell.sm}" if cell.sm else ""),
+        p.torch.cuda or "cpu",
+        p.torch.version,
+        p.python,
+        fa,
+        p.dtype,
+        f"{p.attn_implementation}, triton {p.triton}, driver {p.min_driver or '-'}",
+    ]
+
+
+HEADERS = ["image", "target", "cuda", "torch", "python", "flash-attn", "dtype", "details / reasons"]

@@ -1,0 +1,240 @@
+"""`smoke`: a few real optimizer steps on tiny Qwen2/Qwen3 models (or a given checkpoint)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import IMPORT_T0, __version__
+from .data import encode_all, synthetic_conversations
+from .env import Plan, device_info, versions
+from .errors import OOM_HINT, UsageError
+from .model import TINY_MODELS, checkpoint_model_type
+from .precision import device_compatible, sm_label
+from .report import Check, first_failure, skipped
+
+log = logging.getLogger(__name__)
+
+# Tiny random models need a bold LR to move visibly in 8 steps; a real checkpoint gets the
+# image's training default instead (see train.default_lr).
+TINY_LR = 5e-3
+
+
+def loss_decreased(losses: list[float]) -> bool:
+    """The pass rule: mean of the last quarter (at least one step) is below the first loss."""
+    if len(losses) < 2:
+        return False
+    tail = losses[-max(1, len(losses) // 4) :]
+    return statistics.fmean(tail) < losses[0]
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux /proc), so interpreter start-up counts too."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started_ticks = int(fields[19])  # field 22 overall; fields[0] here is field 3
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - started_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _peak_memory(device_type: str) -> tuple[int, str]:
+    if device_type == "cuda":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated()), "cuda_max_memory_allocated"
+    # ru_maxrss is KiB on Linux and a process-lifetime peak, not per run.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss) * (1 if sys.platform == "darwin" else 1024), "process_max_rss"
+
+
+def _device_check(plan: Plan, capability: tuple[int, int] | None) -> Check:
+    if plan.sm is None:
+        return skipped("device", "image states no target SM")
+    target = plan.capability
+    if target is None:
+        return Check("device", True, f"cpu image on {sm_label(capability)}")
+    if capability is None:
+        return Check("device", False, f"image targets {sm_label(target)} but no GPU is visible")
+    ok = device_compatible(capability, target)
+    return Check("device", ok, f"device {sm_label(capability)}, image targets {sm_label(target)}")
+
+
+def run_smoke(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
+    model_path: Path | None = Path(args.model) if args.model else None
+    if model_path is not None:
+        checkpoint_model_type(model_path)  # fail fast, before the heavy imports
+    if args.steps < 2:
+        raise UsageError("--steps must be at least 2 to judge whether the loss decreases")
+
+    import torch
+
+    from .precision import pick_device, runtime_precision
+
+    plan = Plan.load()
+    device = pick_device(args.device)
+    capability, precision = runtime_precision(
+        device.type,
+        flag_dtype=args.dtype,
+        flag_attn=args.attn,
+        image_dtype=plan.dtype,
+        image_attn=plan.attn,
+    )
+    checks = [
+        _device_check(plan, capability),
+        Check(
+            "precision",
+            not precision.problems,
+            "; ".join(precision.problems)
+            or f"{precision.dtype} ({precision.dtype_source}), "
+            f"{precision.attn} ({precision.attn_source})",
+        ),
+    ]
+    runs: list[dict[str, Any]] = []
+    first_step_end: float | None = None
+    if all(c.ok for c in checks):
+        targets = [str(model_path)] if model_path else list(args.tiny or TINY_MODELS)
+        for target in targets:
+            torch.manual_seed(args.seed)
+            run, run_checks = _smoke_one(target, model_path, args, device, precision)
+            runs.append(run)
+            checks.extend(run_checks)
+            if first_step_end is None and run.get("first_step_end") is not None:
+                first_step_end = run.pop("first_step_end")
+            run.pop("first_step_end", None)
+    ok = all(c.ok for c in checks)
+    import_to_first = None if first_step_end is None else first_step_end - IMPORT_T0
+    age = process_age_s()
+    process_to_first = (
+        None
+        if first_step_end is None or age is None
+        else age - (time.perf_counter() - first_step_end)
+    )
+    payload = {
+        "entry": "smoke",
+        "ok": ok,
+        "failed_check": first_failure(checks),
+        "checks": [c.as_dict() for c in checks],
+        "versions": versions(),
+        "device": device_info(device.type),
+        "dtype": precision.dtype,
+        "attn_implementation": precision.attn,
+        "precision_source": {"dtype": precision.dtype_source, "attn": precision.attn_source},
+        "method": args.method,
+        "steps": args.steps,
+        "seed": args.seed,
+        "plan": plan.as_dict(),
+        "runs": runs,
+        "import_to_first_step_s": _round(import_to_first),
+        "process_start_to_first_step_s": _round(process_to_first),
+        "runtime_version": __version__,
+    }
+    return payload, 0 if ok else 1
+
+
+def _round(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def _smoke_one(
+    target: str,
+    model_path: Path | None,
+    args: argparse.Namespace,
+    device: Any,
+    precision: Any,
+) -> tuple[dict[str, Any], list[Check]]:
+    import torch
+
+    from .data import build_tokenizer
+    from .loop import LoopConfig, NonFiniteLoss, train_loop
+    from .model import (
+        build_tiny,
+        load_checkpoint,
+        param_counts,
+        prepare,
+        trainable_dtypes,
+        weight_dtype,
+    )
+    from .train import default_lr
+
+    weights = weight_dtype(args.method, precision.dtype)
+    if model_path is not None:
+        model, tokenizer = load_checkpoint(model_path, precision.attn, weights, device)
+        lr = args.lr or default_lr(precision.dtype)
+    else:
+        tokenizer = build_tokenizer()
+        model = build_tiny(target, precision.attn, weights, args.seed).to(device)
+        lr = args.lr or TINY_LR
+    model = prepare(model, args.method, gradient_checkpointing=args.gradient_checkpointing)
+    trainable, total = param_counts(model)
+    conversations = synthetic_conversations(args.batch_size, args.seed)
+    examples, _ = encode_all(conversations, tokenizer, args.max_len)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    config = LoopConfig(
+        steps=args.steps,
+        lr=lr,
+        dtype=precision.dtype,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        method=args.method,
+    )
+    run: dict[str, Any] = {
+        "model": target,
+        "lr": lr,
+        "weight_dtype": weights,
+        "trainable_dtypes": trainable_dtypes(model),
+        "trainable_params": trainable,
+        "total_params": total,
+        "tokens_per_step": sum(len(e.input_ids) for e in examples),
+    }
+    checks: list[Check] = []
+    if args.method == "lora":
+        dtypes = run["trainable_dtypes"]
+        checks.append(Check(f"{target}:trainable_fp32", dtypes == ["float32"], f"{dtypes}"))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    log.info("smoke %s: %d steps, %s, %s, lr %g", target, args.steps, precision.dtype,
+             precision.attn, lr)
+    try:
+        result = train_loop(model, examples, config, device, pad_id)
+    except NonFiniteLoss as exc:
+        checks.append(Check(f"{target}:finite_loss", False, str(exc)))
+        run.update(losses=None, first_step_end=None)
+        return run, checks
+    except torch.cuda.OutOfMemoryError:
+        checks.append(Check(f"{target}:memory", False, "CUDA out of memory; " + OOM_HINT))
+        run.update(losses=None, first_step_end=None)
+        return run, checks
+    peak, kind = _peak_memory(device.type)
+    run.update(
+        losses=[round(x, 6) for x in result.losses],
+        step_time_s=_round(result.step_time_s, 6),
+        tokens_per_s=_round(result.tokens_per_s, 1),
+        peak_mem_bytes=peak,
+        peak_mem_kind=kind,
+        loss_scale=result.loss_scale,
+        skipped_steps=result.skipped_steps,
+        first_step_end=result.first_step_end,
+    )
+    finite = all(math.isfinite(x) for x in result.losses)
+    checks.append(Check(f"{target}:finite_loss", finite, f"{len(result.losses)} finite losses"))
+    decreased = loss_decreased(result.losses)
+    tail = result.losses[-max(1, len(result.losses) // 4) :]
+    checks.append(
+        Check(
+            f"{target}:loss_decreases",
+            decreased,
+            f"first {result.losses[0]:.4f}, mean of last {len(tail)} "
+            f"{statistics.fmean(tail):.4f}",
+        )
+    )
+    return run, checks

@@ -1,0 +1,158 @@
+"""`train`: LoRA (or full) fine-tuning on a JSONL chat file, with checkpoints and resume."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .data import load_jsonl, steps_per_epoch
+from .env import Plan, device_info, versions
+from .errors import UsageError
+from .model import checkpoint_model_type
+
+log = logging.getLogger(__name__)
+
+# 2e-4 is the usual LoRA LR. On fp16 images it is halved: the Qwen maintainers answer fp16 NaN
+# reports with "fp16 NaN is common ... use a lower learning rate" (QwenLM/Qwen3#670), and fp16's
+# narrow range makes large updates the usual trigger.
+DEFAULT_LR = 2e-4
+FP16_LR = 1e-4
+
+
+def default_lr(dtype: str) -> float:
+    return FP16_LR if dtype == "fp16" else DEFAULT_LR
+
+
+def _resolve_resume(resume: str | None, output: Path) -> Path | None:
+    from .loop import find_latest_checkpoint
+
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = find_latest_checkpoint(output)
+        if found is None:
+            log.info("--resume auto: no checkpoint in %s, starting fresh", output)
+        return found
+    path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise UsageError(f"--resume {path}: not a checkpoint directory (no state.json)")
+    return path
+
+
+def run_train(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
+    model_path, data_path, output = Path(args.model), Path(args.data), Path(args.output)
+    # Everything a user can get wrong is checked before torch is imported (seconds).
+    checkpoint_model_type(model_path)
+    conversations = load_jsonl(data_path)
+    if args.steps is not None and args.steps < 1:
+        raise UsageError("--steps must be at least 1")
+    if args.batch_size < 1 or args.max_len < 8:
+        raise UsageError("--batch-size must be >= 1 and --max-len >= 8")
+    resume = _resolve_resume(args.resume, output)
+
+    import torch
+
+    from .data import encode_all
+    from .loop import LoopConfig, NonFiniteLoss, train_loop
+    from .model import load_checkpoint, param_counts, prepare, weight_dtype
+    from .precision import pick_device, runtime_precision
+
+    plan = Plan.load()
+    device = pick_device(args.device)
+    _, precision = runtime_precision(
+        device.type,
+        flag_dtype=args.dtype,
+        flag_attn=args.attn,
+        image_dtype=plan.dtype,
+        image_attn=plan.attn,
+    )
+    if precision.problems:
+        raise UsageError(
+            "; ".join(precision.problems) + " (override with --dtype/--attn if intended)"
+        )
+    lr = args.lr if args.lr is not None else default_lr(precision.dtype)
+    model, tokenizer = load_checkpoint(
+        model_path, precision.attn, weight_dtype(args.method, precision.dtype), device
+    )
+    examples, dropped = encode_all(conversations, tokenizer, args.max_len)
+    if dropped:
+        log.warning("%d samples dropped: nothing left to train on after --max-len %d",
+                    dropped, args.max_len)
+    if not examples:
+        raise UsageError(f"{data_path}: no sample has an assistant token within --max-len")
+    per_epoch = steps_per_epoch(len(examples), args.batch_size)
+    steps = args.steps if args.steps is not None else max(1, round(args.epochs * per_epoch))
+    model = prepare(
+        model,
+        args.method,
+        gradient_checkpointing=args.gradient_checkpointing,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+    )
+    trainable, total = param_counts(model)
+    config = LoopConfig(
+        steps=steps,
+        lr=lr,
+        dtype=precision.dtype,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        schedule="cosine",
+        warmup_steps=math.ceil(args.warmup_ratio * steps),
+        log_every=args.log_every,
+        save_every=args.save_every,
+        output=output,
+        method=args.method,
+    )
+    log.info(
+        "train %s on %d samples: %d steps (%d/epoch), %s %s, lr %g, %d/%d params trainable",
+        model_path, len(examples), steps, per_epoch, precision.dtype, precision.attn, lr,
+        trainable, total,
+    )
+    output.mkdir(parents=True, exist_ok=True)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    torch.manual_seed(args.seed)
+    payload: dict[str, Any] = {
+        "entry": "train",
+        "model": str(model_path),
+        "data": str(data_path),
+        "output": str(output),
+        "method": args.method,
+        "dtype": precision.dtype,
+        "attn_implementation": precision.attn,
+        "lr": lr,
+        "steps": steps,
+        "samples": len(examples),
+        "dropped_samples": dropped,
+        "trainable_params": trainable,
+        "total_params": total,
+        "resumed_from": str(resume) if resume else None,
+        "versions": versions(),
+        "device": device_info(device.type),
+        "runtime_version": __version__,
+    }
+    try:
+        result = train_loop(model, examples, config, device, pad_id, resume=resume)
+    except NonFiniteLoss as exc:
+        hint = " (fp16: try a lower --lr)" if precision.dtype == "fp16" else ""
+        log.error("%s%s", exc, hint)
+        payload.update(ok=False, failed_check="finite_loss", error=str(exc))
+        return payload, 1
+    model.save_pretrained(str(output))
+    tokenizer.save_pretrained(str(output))
+    payload.update(
+        ok=True,
+        failed_check=None,
+        start_step=result.start_step,
+        losses=[round(x, 6) for x in result.losses],
+        skipped_steps=result.skipped_steps,
+        loss_scale=result.loss_scale,
+        step_time_s=result.step_time_s,
+        tokens_per_s=result.tokens_per_s,
+    )
+    log.info("saved %s to %s", "adapter" if args.method == "lora" else "model", output)
+    return payload, 0

@@ -71,9 +71,20 @@ def apt_packages(cell: Cell) -> list[str]:
     return sorted(packages)
 
 
+def _render(env: jinja2.Environment, name: str, **context: object) -> str:
+    try:
+        return env.get_template(name).render(**context)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ConfigError(f"templates/{name}:{exc.lineno}: template syntax error: {exc.message}") from None
+    except jinja2.TemplateError as exc:
+        raise ConfigError(f"templates/{name}: {exc.message or exc}; fix the template") from None
+
+
 def dockerfile(env: jinja2.Environment, kb: Knowledge, cell: Cell, image: str) -> str:
     assert cell.plan is not None, "only valid cells render"
-    return env.get_template("Dockerfile.j2").render(
+    return _render(
+        env,
+        "Dockerfile.j2",
         cell=cell,
         plan=cell.plan,
         image=image,
@@ -88,8 +99,8 @@ def render_all(project: Project, resolution: Resolution, kb: Knowledge) -> dict[
     env = environment(project.templates)
     image = resolution.config.image
     files = {project.dockerfile(c): dockerfile(env, kb, c, image) for c in resolution.cells}
-    files[project.images / IMAGES_README] = env.get_template("images-README.md.j2").render(
-        cells=resolution.cells, image=image, excluded_count=len(resolution.excluded)
+    files[project.images / IMAGES_README] = _render(
+        env, "images-README.md.j2", cells=resolution.cells, image=image, excluded_count=len(resolution.excluded)
     )
     return files
 

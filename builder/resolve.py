@@ -181,6 +181,12 @@ def _triton_decision(
         return "remove", pin.version, why, None
     if target.triton == "remove":
         return "remove", pin.version, "removed by the target's triton: remove", None
+    if target.triton == "auto" and target.sm < kb.triton_auto_remove_below:
+        why = (
+            f"removed on pre-Ampere sm_{target.sm} by policy (triton: auto): bf16 Triton kernels and "
+            "Triton-JIT'd flash-attn ops fail there, and fp16 + SDPA needs no Triton"
+        )
+        return "remove", pin.version, why, None
     return "keep", pin.version, f"triton {pin.version} supports sm_{min_sm}+", None
 
 
@@ -212,8 +218,8 @@ def _fa_rules(
                 Reason(
                     "flash-attn-triton",
                     f"flash-attn {fa.version} imports Triton in {rotary.used_by} "
-                    f"({rotary.module}), and triton {triton_version} cannot compile for "
-                    f"sm_{target.sm}",
+                    f"({rotary.module}), and Triton is removed on sm_{target.sm} "
+                    "(its launcher build failed there in the seed run, QwenLM/Qwen#1199)",
                     rotary.source,
                 )
             )

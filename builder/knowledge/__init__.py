@@ -165,6 +165,8 @@ class Knowledge:
     torch_index_url: str
     arch_lists: tuple[ArchList, ...]
     triton_rows: tuple[tuple[SpecifierSet, int, str], ...]
+    triton_auto_remove_below: int
+    triton_auto_remove_source: str
     flash_attn: dict[str, FlashAttnRelease]
     fa_wheel_url: str
     fa_wheel_filename: str
@@ -363,6 +365,8 @@ def _build(
         triton_rows=tuple(
             (SpecifierSet(str(r["version"])), int(r["sm"]), str(r["source"])) for r in triton["min_sm"]
         ),
+        triton_auto_remove_below=int(triton["auto_remove_below_sm"]),
+        triton_auto_remove_source=str(triton["auto_remove_source"]),
         flash_attn=fa_releases,
         fa_wheel_url=str(fa["wheel_url"]),
         fa_wheel_filename=str(fa["wheel_filename"]),

@@ -68,13 +68,12 @@ class RunResult:
 
     @property
     def tokens_per_s(self) -> float | None:
-        # The first step pays for kernel selection and allocator warm-up; leave it out
-        # whenever there is anything else to measure.
-        times, tokens = self.step_times, self.tokens
-        if len(times) > 1:
-            times, tokens = times[1:], tokens[1:]
-        total = sum(times)
-        return sum(tokens) / total if total > 0 else None
+        """Median per-step throughput, leaving out the first step (kernel selection and
+        allocator warm-up) whenever there is anything else to measure."""
+        rates = [n / t for n, t in zip(self.tokens, self.step_times, strict=True) if t > 0]
+        if len(rates) > 1:
+            rates = rates[1:]
+        return statistics.median(rates) if rates else None
 
 
 def make_scaler(dtype: str, device: torch.device) -> Any:

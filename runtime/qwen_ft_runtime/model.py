@@ -115,8 +115,8 @@ def prepare(
     method: str,
     *,
     gradient_checkpointing: bool = False,
-    lora_r: int = 8,
-    lora_alpha: int = 16,
+    lora_r: int = 16,
+    lora_alpha: int = 32,
     lora_dropout: float = 0.0,
 ) -> Any:
     """Make `model` trainable by `method`; returns the model to train (a PeftModel for LoRA)."""

@@ -23,9 +23,9 @@ from .report import Check, first_failure, skipped
 
 log = logging.getLogger(__name__)
 
-# Tiny random models need a bold LR to move visibly in 8 steps; a real checkpoint gets the
-# image's training default instead (see train.default_lr).
-TINY_LR = 5e-3
+# Tiny random models need a bold LR to move visibly in 8 steps (full fine-tuning of every
+# weight diverges at the LoRA value); a real checkpoint gets train.default_lr instead.
+TINY_LR = {"lora": 5e-3, "full": 1e-3}
 
 
 def loss_decreased(losses: list[float]) -> bool:
@@ -173,7 +173,7 @@ def _smoke_one(
     else:
         tokenizer = build_tokenizer()
         model = build_tiny(target, precision.attn, weights, args.seed).to(device)
-        lr = args.lr or TINY_LR
+        lr = args.lr or TINY_LR[args.method]
     model = prepare(model, args.method, gradient_checkpointing=args.gradient_checkpointing)
     trainable, total = param_counts(model)
     conversations = synthetic_conversations(args.batch_size, args.seed)

@@ -1,0 +1,35 @@
+"""Shared fixtures. Docker-tier fixtures live in tests/docker_support.py."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from builder import config, knowledge
+from builder.knowledge import Knowledge
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def kb() -> Knowledge:
+    return knowledge.load()
+
+
+@pytest.fixture(scope="session")
+def matrix() -> config.MatrixConfig:
+    return config.load(ROOT / "matrix.yaml")
+
+
+@pytest.fixture
+def project_copy(tmp_path: Path) -> Path:
+    """A throwaway copy of the project (matrix, templates, images, runtime) to mutate."""
+    for name in ("matrix.yaml", "templates", "images", "runtime"):
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(src, tmp_path / name)
+    return tmp_path

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -234,6 +235,269 @@ def schema_cmd(output: Path | None) -> None:
         output.write_text(text, encoding="utf-8")
     else:
         click.echo(text, nl=False)
+
+
+@cli.command("build")
+@click.argument("selectors", nargs=-1)
+@click.option("-j", "--jobs", default=1, show_default=True, help="Images to build in parallel.")
+@click.option("--fail-fast", is_flag=True, help="Stop starting new builds after the first failure.")
+@click.option("--push", is_flag=True, help="Push to --registry, then pull back to verify digests.")
+@click.option("--registry", help="HOST[:PORT]/NAMESPACE to push to (default: matrix.yaml registry).")
+@click.option("--force", is_flag=True, help="Allow overwriting an existing pinned or content tag.")
+@click.option(
+    "--base-map", "base_map", multiple=True, help="PATTERN=REPLACEMENT, e.g. 'nvidia/cuda:*=mirror/cuda:*'."
+)
+@click.option("--wheelhouse", type=click.Path(path_type=Path), help="Folder of wheels pip tries first.")
+@click.option(
+    "--ca-bundle",
+    type=click.Path(path_type=Path),
+    help="PEM bundle trusted by pip/apt/curl during the build only.",
+)
+@click.option("--http-proxy", help="Proxy for the build only (never stored in the image).")
+@click.option("--https-proxy", help="Proxy for the build only (never stored in the image).")
+@click.option("--no-proxy", help="Hosts that bypass the proxies.")
+@click.option("--network", help="Build network mode, e.g. host.")
+@click.option("--docker", "docker_exe", envvar="QWEN_FT_DOCKER", help="docker executable (default: docker).")
+@click.option("--dry-run", is_flag=True, help="Print the plan and the exact commands; run nothing.")
+@click.pass_obj
+def build_cmd(
+    obj: Context,
+    selectors: tuple[str, ...],
+    jobs: int,
+    fail_fast: bool,
+    push: bool,
+    registry: str | None,
+    force: bool,
+    base_map: tuple[str, ...],
+    wheelhouse: Path | None,
+    ca_bundle: Path | None,
+    http_proxy: str | None,
+    https_proxy: str | None,
+    no_proxy: str | None,
+    network: str | None,
+    docker_exe: str | None,
+    dry_run: bool,
+) -> None:
+    """Build (and tag, and optionally push) the selected images; none selected means all."""
+    from builder import build, resolve
+    from builder.errors import BuildFailed, ConfigError
+
+    cfg, kb, res = obj.load()
+    cells = resolve.select(res, selectors)
+    registry = registry or cfg.registry or None
+    if push and not registry:
+        raise ConfigError("--push needs --registry HOST[:PORT]/NAMESPACE (or registry: in matrix.yaml)")
+    options = build.BuildOptions(
+        jobs=jobs,
+        fail_fast=fail_fast,
+        push=push,
+        registry=registry,
+        force=force,
+        base_map=build.parse_base_map(base_map),
+        wheelhouse=wheelhouse,
+        ca_bundle=ca_bundle,
+        http_proxy=http_proxy,
+        https_proxy=https_proxy,
+        no_proxy=no_proxy,
+        network=network,
+        dry_run=dry_run,
+    )
+    project = obj.project
+    build.check_inputs(project, options)
+    plan = build.plan_jobs(project, res, kb, cells, options)
+    from builder.engine import CommandLog, DockerEngine
+
+    if dry_run:
+        engine = DockerEngine(docker_exe)
+        context = project.build / "context"
+        for job in plan:
+            argv, env = engine.build_argv(build.request_for(job, context, options), project.build / "x.iid")
+            import shlex
+
+            click.echo(f"# {job.name}: content hash {job.digest[:12]}; tags {', '.join(job.tags)}")
+            click.echo(" ".join([*(f"{k}={v}" for k, v in env.items()), shlex.join(argv)]))
+            for ref in job.tags:
+                click.echo(shlex.join([engine.exe, "tag", "<image-id>", ref]))
+            if push and registry:
+                for ref in job.tags:
+                    click.echo(shlex.join([engine.exe, "push", build.remote(ref, registry)]))
+        return
+    from builder.console import BuildProgress, summary
+
+    engine = DockerEngine(docker_exe, CommandLog(project.build / "logs" / "commands.sh"))
+    engine_version = engine.check()
+    if push and registry and plan:
+        engine.remote_digest(build.remote(plan[0].tags[0], registry))  # fails fast if unreachable
+    started = time.time()
+    with BuildProgress([j.name for j in plan]) as progress:
+        try:
+            results = build.run(project, plan, engine, options, on_change=progress.update)
+        except KeyboardInterrupt:
+            from builder.errors import Interrupted
+
+            raise Interrupted("interrupted: running builds were cancelled; no tag was moved") from None
+    summary(results)
+    meta = {
+        "command": "build",
+        "started": started,
+        "seconds": round(time.time() - started, 2),
+        "engine": engine_version,
+        "options": {
+            "jobs": jobs,
+            "push": push,
+            "registry": registry,
+            "base_map": [f"{a}={b}" for a, b in options.base_map],
+            "wheelhouse": str(wheelhouse) if wheelhouse else None,
+            "ca_bundle": bool(ca_bundle),
+            "http_proxy": build.redact(http_proxy),
+            "https_proxy": build.redact(https_proxy),
+        },
+    }
+    report = build.write_report(project, results, meta)
+    click.echo(f"report: {report.relative_to(project.root)}", err=True)
+    failed = [r for r in results if not r.ok]
+    if failed:
+        registry_errors = [r for r in failed if r.error and ("immutable" in r.error or "push" in r.error)]
+        if registry_errors and len(registry_errors) == len(failed):
+            from builder.errors import RegistryError
+
+            raise RegistryError(registry_errors[0].error or "push failed")
+        raise BuildFailed(
+            f"{len(failed)} of {len(results)} images failed: "
+            + "; ".join(f"{r.image} ({r.error}; log {r.log})" for r in failed)
+        )
+
+
+@cli.command("doctor")
+@click.argument("selectors", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (fields in docs/doctor.md).")
+@click.option(
+    "--assume-gpu",
+    "assume_gpus",
+    multiple=True,
+    metavar="NAME_OR_SM",
+    help="Plan for this GPU instead of probing (repeatable): V100, A10G, sm_70, 70, 8.6.",
+)
+@click.option("--assume-driver", metavar="VERSION", help="Plan for this NVIDIA driver, e.g. 535.104.05.")
+@click.option("--log", "log_file", type=click.Path(path_type=Path), help="Diagnose a failed run's log.")
+@click.pass_obj
+def doctor_cmd(
+    obj: Context,
+    selectors: tuple[str, ...],
+    as_json: bool,
+    assume_gpus: tuple[str, ...],
+    assume_driver: str | None,
+    log_file: Path | None,
+) -> None:
+    """Which image this machine should run (GPU, driver, Docker), and why a run failed.
+
+    Exits 0 when every GPU has an image that runs with its driver (or there is no GPU
+    and the CPU image applies), 1 when a GPU has none or --log matched no known
+    failure, 2 for bad input.
+    """
+    from builder import doctor, resolve
+
+    log_text = doctor.read_log(log_file) if log_file is not None else None
+    _, kb, res = obj.load()
+    cells = resolve.select(res, selectors)
+    report = doctor.run(
+        kb, res, cells, assume_gpus=assume_gpus, assume_driver=assume_driver, log_text=log_text
+    )
+    if as_json:
+        click.echo(json.dumps(doctor.report_json(report), indent=2))
+    else:
+        click.echo(doctor.render_text(report, log_name=str(log_file) if log_file else None), nl=False)
+    if log_text is not None and not report.diagnoses:
+        names = ", ".join(s.id for s in doctor.load_signatures())
+        raise FatalError(
+            f"{log_file}: no known failure signature found (checked: {names}); "
+            "add new ones to builder/knowledge/signatures.yaml"
+        )
+    if not report.ok:
+        sys.exit(1)
+
+
+@cli.command("ci-matrix")
+@click.argument("selectors", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help='{"include": [...]} on one line, for $GITHUB_OUTPUT.')
+@click.option("--registry", help="Registry prefix for the tags (default: matrix.yaml registry).")
+@click.pass_obj
+def ci_matrix_cmd(obj: Context, selectors: tuple[str, ...], as_json: bool, registry: str | None) -> None:
+    """The GitHub Actions build/smoke matrix: one entry per selected image."""
+    from builder import ci, images, resolve
+
+    _, kb, res = obj.load()
+    cells = resolve.select(res, selectors)
+    facts = images.facts(obj.project, res, kb, cells, registry=registry)
+    if as_json:
+        click.echo(json.dumps(ci.include(facts), separators=(",", ":")))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(facts)} CI matrix entries", header_style="bold")
+    for h in ci.HEADERS:
+        table.add_column(h, overflow="fold")
+    for f in facts:
+        table.add_row(*ci.row(f))
+    Console().print(table)
+
+
+@cli.command("bake")
+@click.argument("selectors", nargs=-1)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=Path("docker-bake.json"),
+    show_default=True,
+    help="Where to write the bake file ('-' for stdout).",
+)
+@click.option("--registry", help="Registry prefix for tags and cache (default: matrix.yaml registry).")
+@click.option(
+    "--base-map", "base_map", multiple=True, help="PATTERN=REPLACEMENT, e.g. 'nvidia/cuda:*=mirror/cuda:*'."
+)
+@click.option(
+    "--wheelhouse", type=click.Path(path_type=Path), help="Folder of wheels staged into the context."
+)
+@click.option(
+    "--ca-bundle", type=click.Path(path_type=Path), help="PEM bundle passed as the ca_bundle secret."
+)
+@click.pass_obj
+def bake_cmd(
+    obj: Context,
+    selectors: tuple[str, ...],
+    output: Path,
+    registry: str | None,
+    base_map: tuple[str, ...],
+    wheelhouse: Path | None,
+    ca_bundle: Path | None,
+) -> None:
+    """Write a `docker buildx bake` file for the selected images and stage build/context/.
+
+    Run `docker buildx bake -f docker-bake.json [--push]` from the project root.
+    """
+    from builder import bake, build, images, resolve
+
+    cfg, kb, res = obj.load()
+    cells = resolve.select(res, selectors)
+    options = build.BuildOptions(
+        base_map=build.parse_base_map(base_map), wheelhouse=wheelhouse, ca_bundle=ca_bundle
+    )
+    project = obj.project
+    build.check_inputs(project, options)
+    facts = images.facts(project, res, kb, cells, registry=registry, options=options)
+    reg = cfg.registry if registry is None else registry
+    data = bake.bake_file(project, facts, registry=reg, ca_bundle=ca_bundle.resolve() if ca_bundle else None)
+    build.stage_context(project, options)
+    text = json.dumps(data, indent=2) + "\n"
+    if str(output) == "-":
+        click.echo(text, nl=False)
+        return
+    output.write_text(text, encoding="utf-8")
+    click.echo(f"wrote {output} ({len(facts)} targets); staged {project.build / 'context'}", err=True)
+    if not reg:
+        click.echo("note: no registry, so no registry cache; pass --registry to share the cache", err=True)
 
 
 def _fail(exc: FatalError, debug: bool) -> NoReturn:

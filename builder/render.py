@@ -100,7 +100,11 @@ def render_all(project: Project, resolution: Resolution, kb: Knowledge) -> dict[
     image = resolution.config.image
     files = {project.dockerfile(c): dockerfile(env, kb, c, image) for c in resolution.cells}
     files[project.images / IMAGES_README] = _render(
-        env, "images-README.md.j2", cells=resolution.cells, image=image, excluded_count=len(resolution.excluded)
+        env,
+        "images-README.md.j2",
+        cells=resolution.cells,
+        image=image,
+        excluded_count=len(resolution.excluded),
     )
     return files
 

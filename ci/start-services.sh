@@ -31,10 +31,21 @@ start_dockerd() {
     printf '\n===== %s start --storage-driver %s\n' "$(date -u +%FT%TZ)" "$driver" >>"$DOCKERD_LOG"
     setsid dockerd --storage-driver "$driver" --pidfile "$DOCKERD_PIDFILE" \
         --data-root "$DOCKERD_DATA_ROOT" </dev/null >>"$DOCKERD_LOG" 2>&1 &
-    if ! wait_for "$DOCKERD_WAIT_S" "dockerd to answer" daemon_answers; then
-        tail_log "$DOCKERD_LOG"
-        return 1
-    fi
+    local pid=$! i
+    for ((i = 0; ; i++)); do
+        daemon_answers && break
+        if ! kill -0 "$pid" 2>/dev/null; then
+            log "dockerd exited during startup:"
+            grep -E 'level=(error|fatal)|failed to start' "$DOCKERD_LOG" | tail -n 3 >&2 || true
+            return 1
+        fi
+        if ((i >= DOCKERD_WAIT_S * 2)); then
+            log "dockerd did not answer within ${DOCKERD_WAIT_S}s"
+            tail_log "$DOCKERD_LOG"
+            return 1
+        fi
+        sleep 0.5
+    done
     local actual
     actual=$(docker_cli info --format '{{.Driver}}')
     if [[ $actual != "$driver" ]]; then

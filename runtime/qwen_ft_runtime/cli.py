@@ -42,13 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     contract = commands.add_parser("contract", help="check the installed stack against the plan")
     for field, flag in FLAGS.items():
-        contract.add_argument(flag, dest=f"plan_{field}", metavar="VALUE",
-                              help=f"overrides {ENV_VARS[field]}")
+        contract.add_argument(
+            flag, dest=f"plan_{field}", metavar="VALUE", help=f"overrides {ENV_VARS[field]}"
+        )
 
     smoke = commands.add_parser("smoke", help="a few real LoRA steps on tiny Qwen2/Qwen3 models")
     smoke.add_argument("--model", help="local Qwen checkpoint instead of the tiny models")
-    smoke.add_argument("--tiny", action="append", choices=("qwen2-tiny", "qwen3-tiny"),
-                       help="only these tiny models (repeatable); default both")
+    smoke.add_argument(
+        "--tiny",
+        action="append",
+        choices=("qwen2-tiny", "qwen3-tiny"),
+        help="only these tiny models (repeatable); default both",
+    )
     smoke.add_argument("--steps", type=int, default=8)
     smoke.add_argument("--batch-size", type=_positive_int, default=4)
     smoke.add_argument("--lr", type=float, default=None)
@@ -63,13 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     length.add_argument("--steps", type=int, default=None, help="optimizer steps (or --epochs)")
     length.add_argument("--epochs", type=float, default=1.0)
     train.add_argument("--batch-size", type=_positive_int, default=4)
-    train.add_argument("--lr", type=float, default=None,
-                       help="default 2e-4; 1e-4 when training in fp16")
+    train.add_argument(
+        "--lr", type=float, default=None, help="default 2e-4; 1e-4 when training in fp16"
+    )
     train.add_argument("--warmup-ratio", type=float, default=0.03)
     train.add_argument("--log-every", type=int, default=10)
     train.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps")
-    train.add_argument("--resume", metavar="DIR|auto",
-                       help="a checkpoint-N directory, or auto for the latest in --output")
+    train.add_argument(
+        "--resume",
+        metavar="DIR|auto",
+        help="a checkpoint-N directory, or auto for the latest in --output",
+    )
     train.add_argument("--lora-r", type=_positive_int, default=16)
     train.add_argument("--lora-alpha", type=_positive_int, default=32)
     train.add_argument("--lora-dropout", type=float, default=0.05)

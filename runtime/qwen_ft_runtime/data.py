@@ -98,10 +98,10 @@ def encode_all(
 # --- synthetic data ---------------------------------------------------------------------------
 
 _WORDS = (
-    "red green blue amber violet cyan olive coral "
-    "cat dog owl fox bee elk yak emu "
-    "one two three four five six seven eight"
-).split()
+    *("red", "green", "blue", "amber", "violet", "cyan", "olive", "coral"),
+    *("cat", "dog", "owl", "fox", "bee", "elk", "yak", "emu"),
+    *("one", "two", "three", "four", "five", "six", "seven", "eight"),
+)
 SYSTEM_PROMPT = "You are a helpful assistant."
 
 
@@ -151,7 +151,7 @@ def build_tokenizer(vocab_size: int = 512) -> Any:
         show_progress=False,
     )
     backend.train_from_iterator(synthetic_corpus(), trainer)
-    return PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call, unused-ignore]
         tokenizer_object=backend,
         eos_token=IM_END,
         pad_token=ENDOFTEXT,

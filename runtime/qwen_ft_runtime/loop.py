@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import statistics
 import time
@@ -26,10 +25,13 @@ CHECKPOINT_PREFIX = "checkpoint-"
 
 
 class NonFiniteLoss(RuntimeError):
-    def __init__(self, step: int, value: float, what: str = "loss") -> None:
+    def __init__(
+        self, step: int, value: float, what: str = "loss", losses: Sequence[float] = ()
+    ) -> None:
         super().__init__(f"{what} is {value} at step {step}")
         self.step = step
         self.value = value
+        self.losses = list(losses)  # the finite ones before it, for the report
 
 
 @dataclass(frozen=True)
@@ -146,7 +148,7 @@ def train_loop(
     scaler = make_scaler(config.dtype, device)
     result = RunResult()
     if resume is not None:
-        result.start_step = load_checkpoint(resume, model, optimizer, scaler, config)
+        result.start_step = restore_checkpoint(resume, model, optimizer, scaler, config)
         log.info("resumed from %s at step %d", resume, result.start_step)
     autocast_dtype = torch_dtype(config.dtype)
     use_autocast = config.dtype != "fp32"
@@ -162,10 +164,10 @@ def train_loop(
             loss = model(**batch).loss
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
-            raise NonFiniteLoss(step + 1, loss_value)
+            raise NonFiniteLoss(step + 1, loss_value, losses=result.losses)
         grad_norm, skipped = optimizer_step(loss, params, optimizer, scaler, config.max_grad_norm)
         if not math.isfinite(grad_norm) and not scaler.is_enabled():
-            raise NonFiniteLoss(step + 1, grad_norm, "gradient norm")
+            raise NonFiniteLoss(step + 1, grad_norm, "gradient norm", result.losses)
         _sync(device)
         ended = time.perf_counter()
         if result.first_step_end is None:
@@ -193,7 +195,13 @@ def _log_progress(
     rate = result.tokens[-1] / result.step_times[-1] if result.step_times[-1] > 0 else 0.0
     log.info(
         "step %d/%d loss %.4f lr %.2e grad_norm %.3f%s tok/s %.0f",
-        step, config.steps, loss, lr_at(step - 1, config), grad_norm, scale, rate,
+        step,
+        config.steps,
+        loss,
+        lr_at(step - 1, config),
+        grad_norm,
+        scale,
+        rate,
     )
 
 
@@ -240,7 +248,7 @@ def save_checkpoint(
     }
     (staging / "state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
     shutil.rmtree(final, ignore_errors=True)
-    os.replace(staging, final)
+    staging.replace(final)
     log.info("saved %s", final)
     return final
 
@@ -251,13 +259,17 @@ def find_latest_checkpoint(output: Path) -> Path | None:
         return None
     for child in output.iterdir():
         suffix = child.name.removeprefix(CHECKPOINT_PREFIX)
-        if child.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit():
-            if (child / "state.json").is_file() and (best is None or int(suffix) > best[0]):
-                best = (int(suffix), child)
+        if (
+            child.name.startswith(CHECKPOINT_PREFIX)
+            and suffix.isdigit()
+            and (child / "state.json").is_file()
+            and (best is None or int(suffix) > best[0])
+        ):
+            best = (int(suffix), child)
     return None if best is None else best[1]
 
 
-def load_checkpoint(
+def restore_checkpoint(
     path: Path,
     model: Any,
     optimizer: torch.optim.Optimizer,
@@ -269,22 +281,28 @@ def load_checkpoint(
         raise UsageError(f"{path} is not a checkpoint (no state.json)")
     state = json.loads(state_file.read_text(encoding="utf-8"))
     if state.get("method") != config.method:
-        raise UsageError(f"{path} was trained with --method {state.get('method')}, not {config.method}")
+        raise UsageError(
+            f"{path} was trained with --method {state.get('method')}, not {config.method}"
+        )
     for key in ("seed", "batch_size", "dtype"):
         if state.get(key) != getattr(config, key):
             log.warning(
                 "checkpoint %s differs from this run (%s vs %s): batches will not line up",
-                key, state.get(key), getattr(config, key),
+                key,
+                state.get(key),
+                getattr(config, key),
             )
     saved = torch.load(path / "trainable.pt", map_location="cpu", weights_only=True)
     named = dict(model.named_parameters())
-    missing = sorted(set(n for n, p in named.items() if p.requires_grad) - set(saved))
+    missing = sorted({n for n, p in named.items() if p.requires_grad} - set(saved))
     if missing:
         raise UsageError(f"{path} does not match this model ({len(missing)} parameters missing)")
     with torch.no_grad():
         for name, tensor in saved.items():
             named[name].copy_(tensor)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    optimizer.load_state_dict(
+        torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    )
     scaler_state = torch.load(path / "scaler.pt", map_location="cpu", weights_only=True)
     if scaler_state and scaler.is_enabled():
         scaler.load_state_dict(scaler_state)

@@ -64,7 +64,10 @@ def build_tiny(kind: str, attn: str, dtype: str, seed: int, vocab_size: int = TI
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(kind, vocab_size), attn_implementation=attn)
+    config = tiny_config(kind, vocab_size)
+    model = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call, unused-ignore]
+        config, attn_implementation=attn
+    )
     return model.to(torch_dtype(dtype))
 
 
@@ -93,7 +96,7 @@ def _dtype_kwarg() -> str:
     return "dtype" if version_at_least(version, "4.56") else "torch_dtype"
 
 
-def load_checkpoint(path: Path, attn: str, dtype: str, device: torch.device) -> tuple[Any, Any]:
+def load_pretrained(path: Path, attn: str, dtype: str, device: torch.device) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     checkpoint_model_type(path)
@@ -161,4 +164,6 @@ def param_counts(model: Any) -> tuple[int, int]:
 
 
 def trainable_dtypes(model: Any) -> list[str]:
-    return sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad})
+    return sorted(
+        {str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad}
+    )

@@ -11,21 +11,42 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import IMPORT_T0, __version__
 from .data import encode_all, synthetic_conversations
 from .env import Plan, device_info, versions
 from .errors import OOM_HINT, UsageError
 from .model import TINY_MODELS, checkpoint_model_type
-from .precision import device_compatible, sm_label
+from .precision import Precision, device_compatible, sm_label
 from .report import Check, first_failure, skipped
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
 # Tiny random models need a bold LR to move visibly in 8 steps (full fine-tuning of every
 # weight diverges at the LoRA value); a real checkpoint gets train.default_lr instead.
 TINY_LR = {"lora": 5e-3, "full": 1e-3}
+
+# Every run entry has all of these; a run that failed early leaves the rest null.
+RUN_KEYS = (
+    "model",
+    "weight_dtype",
+    "lr",
+    "trainable_dtypes",
+    "trainable_params",
+    "total_params",
+    "tokens_per_step",
+    "losses",
+    "step_time_s",
+    "tokens_per_s",
+    "peak_mem_bytes",
+    "peak_mem_kind",
+    "loss_scale",
+    "skipped_steps",
+)
 
 
 def loss_decreased(losses: list[float]) -> bool:
@@ -94,9 +115,7 @@ def run_smoke(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
         Check(
             "precision",
             not precision.problems,
-            "; ".join(precision.problems)
-            or f"{precision.dtype} ({precision.dtype_source}), "
-            f"{precision.attn} ({precision.attn_source})",
+            "; ".join(precision.problems) or _describe(precision),
         ),
     ]
     runs: list[dict[str, Any]] = []
@@ -105,12 +124,10 @@ def run_smoke(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
         targets = [str(model_path)] if model_path else list(args.tiny or TINY_MODELS)
         for target in targets:
             torch.manual_seed(args.seed)
-            run, run_checks = _smoke_one(target, model_path, args, device, precision)
+            run, run_checks, step_end = _smoke_one(target, model_path, args, device, precision)
             runs.append(run)
             checks.extend(run_checks)
-            if first_step_end is None and run.get("first_step_end") is not None:
-                first_step_end = run.pop("first_step_end")
-            run.pop("first_step_end", None)
+            first_step_end = first_step_end or step_end
     ok = all(c.ok for c in checks)
     import_to_first = None if first_step_end is None else first_step_end - IMPORT_T0
     age = process_age_s()
@@ -141,6 +158,12 @@ def run_smoke(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     return payload, 0 if ok else 1
 
 
+def _describe(precision: Precision) -> str:
+    return (
+        f"{precision.dtype} ({precision.dtype_source}), {precision.attn} ({precision.attn_source})"
+    )
+
+
 def _round(value: float | None, digits: int = 4) -> float | None:
     return None if value is None else round(value, digits)
 
@@ -149,16 +172,17 @@ def _smoke_one(
     target: str,
     model_path: Path | None,
     args: argparse.Namespace,
-    device: Any,
-    precision: Any,
-) -> tuple[dict[str, Any], list[Check]]:
+    device: torch.device,
+    precision: Precision,
+) -> tuple[dict[str, Any], list[Check], float | None]:
+    """One model's run: its report entry, its checks, and when its first step ended."""
     import torch
 
     from .data import build_tokenizer
     from .loop import LoopConfig, NonFiniteLoss, train_loop
     from .model import (
         build_tiny,
-        load_checkpoint,
+        load_pretrained,
         param_counts,
         prepare,
         trainable_dtypes,
@@ -167,53 +191,69 @@ def _smoke_one(
     from .train import default_lr
 
     weights = weight_dtype(args.method, precision.dtype)
-    if model_path is not None:
-        model, tokenizer = load_checkpoint(model_path, precision.attn, weights, device)
-        lr = args.lr or default_lr(precision.dtype)
-    else:
-        tokenizer = build_tokenizer()
-        model = build_tiny(target, precision.attn, weights, args.seed).to(device)
-        lr = args.lr or TINY_LR[args.method]
-    model = prepare(model, args.method, gradient_checkpointing=args.gradient_checkpointing)
-    trainable, total = param_counts(model)
-    conversations = synthetic_conversations(args.batch_size, args.seed)
-    examples, _ = encode_all(conversations, tokenizer, args.max_len)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    config = LoopConfig(
-        steps=args.steps,
-        lr=lr,
-        dtype=precision.dtype,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        method=args.method,
-    )
-    run: dict[str, Any] = {
-        "model": target,
-        "lr": lr,
-        "weight_dtype": weights,
-        "trainable_dtypes": trainable_dtypes(model),
-        "trainable_params": trainable,
-        "total_params": total,
-        "tokens_per_step": sum(len(e.input_ids) for e in examples),
-    }
+    run: dict[str, Any] = dict.fromkeys(RUN_KEYS)
+    run.update(model=target, weight_dtype=weights)
     checks: list[Check] = []
-    if args.method == "lora":
-        dtypes = run["trainable_dtypes"]
-        checks.append(Check(f"{target}:trainable_fp32", dtypes == ["float32"], f"{dtypes}"))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    log.info("smoke %s: %d steps, %s, %s, lr %g", target, args.steps, precision.dtype,
-             precision.attn, lr)
     try:
+        if model_path is not None:
+            model, tokenizer = load_pretrained(model_path, precision.attn, weights, device)
+            lr = args.lr or default_lr(precision.dtype)
+        else:
+            tokenizer = build_tokenizer()
+            model = build_tiny(target, precision.attn, weights, args.seed).to(device)
+            lr = args.lr or TINY_LR[args.method]
+        model = prepare(model, args.method, gradient_checkpointing=args.gradient_checkpointing)
+        trainable, total = param_counts(model)
+        conversations = synthetic_conversations(args.batch_size, args.seed)
+        examples, _ = encode_all(conversations, tokenizer, args.max_len)
+        if not examples:
+            raise UsageError(f"--max-len {args.max_len} leaves no assistant token to train on")
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        config = LoopConfig(
+            steps=args.steps,
+            lr=lr,
+            dtype=precision.dtype,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            method=args.method,
+        )
+        run.update(
+            lr=lr,
+            trainable_dtypes=trainable_dtypes(model),
+            trainable_params=trainable,
+            total_params=total,
+            tokens_per_step=sum(len(e.input_ids) for e in examples),
+        )
+        if args.method == "lora":
+            dtypes = run["trainable_dtypes"]
+            checks.append(Check(f"{target}:trainable_fp32", dtypes == ["float32"], f"{dtypes}"))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        log.info(
+            "smoke %s: %d steps, %s, %s, lr %g",
+            target,
+            args.steps,
+            precision.dtype,
+            precision.attn,
+            lr,
+        )
         result = train_loop(model, examples, config, device, pad_id)
     except NonFiniteLoss as exc:
         checks.append(Check(f"{target}:finite_loss", False, str(exc)))
-        run.update(losses=None, first_step_end=None)
-        return run, checks
+        run["losses"] = [round(x, 6) for x in exc.losses]
+        return run, checks, None
     except torch.cuda.OutOfMemoryError:
         checks.append(Check(f"{target}:memory", False, "CUDA out of memory; " + OOM_HINT))
-        run.update(losses=None, first_step_end=None)
-        return run, checks
+        return run, checks, None
+    except UsageError:
+        raise
+    except Exception as exc:
+        # Whatever breaks (an import, a kernel, a shape) is the finding: keep the one-line
+        # report and put the traceback on stderr for whoever reads the logs.
+        log.exception("smoke %s failed", target)
+        first_line = (str(exc).splitlines() or [""])[0]
+        checks.append(Check(f"{target}:run", False, f"{type(exc).__name__}: {first_line}"))
+        return run, checks, None
     peak, kind = _peak_memory(device.type)
     run.update(
         losses=[round(x, 6) for x in result.losses],
@@ -223,7 +263,6 @@ def _smoke_one(
         peak_mem_kind=kind,
         loss_scale=result.loss_scale,
         skipped_steps=result.skipped_steps,
-        first_step_end=result.first_step_end,
     )
     finite = all(math.isfinite(x) for x in result.losses)
     checks.append(Check(f"{target}:finite_loss", finite, f"{len(result.losses)} finite losses"))
@@ -233,8 +272,7 @@ def _smoke_one(
         Check(
             f"{target}:loss_decreases",
             decreased,
-            f"first {result.losses[0]:.4f}, mean of last {len(tail)} "
-            f"{statistics.fmean(tail):.4f}",
+            f"first {result.losses[0]:.4f}, mean of last {len(tail)} {statistics.fmean(tail):.4f}",
         )
     )
-    return run, checks
+    return run, checks, result.first_step_end

@@ -58,7 +58,7 @@ def run_train(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
 
     from .data import encode_all
     from .loop import LoopConfig, NonFiniteLoss, train_loop
-    from .model import load_checkpoint, param_counts, prepare, weight_dtype
+    from .model import load_pretrained, param_counts, prepare, weight_dtype
     from .precision import pick_device, runtime_precision
 
     plan = Plan.load()
@@ -75,13 +75,14 @@ def run_train(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
             "; ".join(precision.problems) + " (override with --dtype/--attn if intended)"
         )
     lr = args.lr if args.lr is not None else default_lr(precision.dtype)
-    model, tokenizer = load_checkpoint(
+    model, tokenizer = load_pretrained(
         model_path, precision.attn, weight_dtype(args.method, precision.dtype), device
     )
     examples, dropped = encode_all(conversations, tokenizer, args.max_len)
     if dropped:
-        log.warning("%d samples dropped: nothing left to train on after --max-len %d",
-                    dropped, args.max_len)
+        log.warning(
+            "%d samples dropped: nothing left to train on after --max-len %d", dropped, args.max_len
+        )
     if not examples:
         raise UsageError(f"{data_path}: no sample has an assistant token within --max-len")
     per_epoch = steps_per_epoch(len(examples), args.batch_size)
@@ -110,8 +111,15 @@ def run_train(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     )
     log.info(
         "train %s on %d samples: %d steps (%d/epoch), %s %s, lr %g, %d/%d params trainable",
-        model_path, len(examples), steps, per_epoch, precision.dtype, precision.attn, lr,
-        trainable, total,
+        model_path,
+        len(examples),
+        steps,
+        per_epoch,
+        precision.dtype,
+        precision.attn,
+        lr,
+        trainable,
+        total,
     )
     output.mkdir(parents=True, exist_ok=True)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -140,7 +148,7 @@ def run_train(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     except NonFiniteLoss as exc:
         hint = " (fp16: try a lower --lr)" if precision.dtype == "fp16" else ""
         log.error("%s%s", exc, hint)
-        payload.update(ok=False, failed_check="finite_loss", error=str(exc))
+        payload.update(ok=False, failed_check="finite_loss", error=str(exc), losses=exc.losses)
         return payload, 1
     model.save_pretrained(str(output))
     tokenizer.save_pretrained(str(output))

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import pytest
-
 from qwen_ft_runtime.env import Plan, parse_sm, same_release, version_at_least
 from qwen_ft_runtime.errors import UsageError
 
 
 @pytest.mark.parametrize(
     ("text", "capability"),
-    [("70", (7, 0)), ("86", (8, 6)), ("100", (10, 0)), ("120", (12, 0)), ("sm_90a", (9, 0)),
-     ("none", None)],
+    [
+        ("70", (7, 0)),
+        ("86", (8, 6)),
+        ("100", (10, 0)),
+        ("120", (12, 0)),
+        ("sm_90a", (9, 0)),
+        ("none", None),
+    ],
 )
 def test_parse_sm(text: str, capability: tuple[int, int] | None) -> None:
     assert parse_sm(text) == capability

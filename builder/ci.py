@@ -1,0 +1,49 @@
+"""`ci-matrix`: the GitHub Actions matrix, one entry per image, computed from the resolution.
+
+The workflow (.github/workflows/images.yml) feeds `{"include": [...]}` straight into
+`strategy.matrix` with `fromJSON`, so the set of images CI builds is exactly what
+`qwen-ft-images matrix` shows; nothing is listed by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from builder.images import BUILD_PLATFORM, CONTEXT_DIR, ImageFacts
+
+
+def entry(f: ImageFacts) -> dict[str, Any]:
+    """One `include` entry. Field names are part of the workflow's contract: keep them."""
+    cell = f.cell
+    return {
+        "id": f.id,
+        "alias": cell.alias if cell.recommended else None,  # only recommended images get it
+        "target": cell.spec.target,
+        "recommended": cell.recommended,
+        "family": f.family,
+        "dockerfile": f.dockerfile,
+        "context": f"build/{CONTEXT_DIR}",
+        "platform": BUILD_PLATFORM,
+        "tags": list(f.tags),
+        # The unqualified name `qwen-ft-images smoke` runs; CI pulls hash_tag and tags it so.
+        "local_tag": f.job.tags[0],
+        "hash_tag": f.hash_tag,
+        "content_hash": f.digest,
+        # Newline-separated because build-push-action reads build-args line by line and
+        # values may contain commas; JSON carries the newlines through $GITHUB_OUTPUT.
+        "build_args": "\n".join(f"{k}={v}" for k, v in f.args.items()),
+        "cache_ref": f.cache_ref,
+        "runner_labels": list(f.runner_labels),
+    }
+
+
+def include(images: Sequence[ImageFacts]) -> dict[str, list[dict[str, Any]]]:
+    return {"include": [entry(f) for f in images]}
+
+
+HEADERS = ["id", "family", "runner labels", "hash tag"]
+
+
+def row(f: ImageFacts) -> list[str]:
+    return [f.id, f.family, ", ".join(f.runner_labels), f.hash_tag]

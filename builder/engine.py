@@ -1,0 +1,434 @@
+"""The one module that talks to the Docker engine.
+
+Builds go through BuildKit via the docker CLI (`docker buildx build` when the
+buildx plugin exists, else a client with built-in BuildKit and DOCKER_BUILDKIT=1):
+the docker SDK cannot do BuildKit builds (docker/docker-py#2230). Everything
+else (version check, inspect, tag, push, pull, run, remove) uses the SDK.
+
+Every engine operation is also appended, as the equivalent docker CLI command,
+to a replayable shell script, so a failed run can be reproduced by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from packaging.version import InvalidVersion, Version
+
+from builder.errors import EngineError, Interrupted, RegistryError
+
+if TYPE_CHECKING:
+    import docker
+
+# RUN --mount=type=secret|cache|bind needs BuildKit's Dockerfile frontend 1.2+, built
+# into dockerd since 18.09 and stable since 20.10; older daemons fail at parse time.
+MIN_ENGINE = Version("20.10")
+# docker CLI 23+ no longer carries the legacy BuildKit path: it needs the buildx plugin.
+_CLI_BUILTIN_BUILDKIT_MAX = Version("23")
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """Everything one `docker build` needs; tags are applied only after it succeeds."""
+
+    name: str
+    dockerfile: Path
+    context: Path
+    build_args: Mapping[str, str]
+    labels: Mapping[str, str]
+    secrets: Mapping[str, Path] = field(default_factory=dict)
+    # Docker's predefined proxy args: passed as build args, but never stored in history.
+    proxies: Mapping[str, str] = field(default_factory=dict)
+    network: str | None = None
+
+
+@dataclass(frozen=True)
+class BuildOutcome:
+    ok: bool
+    image_id: str | None
+    failed_step: str | None
+    error: str | None
+    log: Path
+
+
+class Engine(Protocol):
+    """What build/smoke need from an engine; tests use a recording fake."""
+
+    def check(self) -> str: ...
+    def build(self, req: BuildRequest, log: Path, on_step: Callable[[str], None]) -> BuildOutcome: ...
+    def image_labels(self, ref: str) -> Mapping[str, str] | None: ...
+    def image_id(self, ref: str) -> str | None: ...
+    def image_size(self, ref: str) -> int: ...
+    def repo_digests(self, ref: str) -> list[str]: ...
+    def tag(self, image_id: str, ref: str) -> None: ...
+    def push(self, ref: str) -> str: ...
+    def pull(self, ref: str) -> str: ...
+    def remote_digest(self, ref: str) -> str | None: ...
+    def remove_image(self, ref: str) -> None: ...
+
+
+def docker_executable(configured: str | None) -> str:
+    exe = configured or os.environ.get("QWEN_FT_DOCKER") or "docker"
+    found = shutil.which(exe)
+    if found is None:
+        raise EngineError(
+            f"docker executable '{exe}' not found; install the Docker CLI or pass --docker PATH "
+            "(or set QWEN_FT_DOCKER)"
+        )
+    return found
+
+
+class CommandLog:
+    """Appends each engine operation to build/logs/commands.sh as a runnable command."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                path.write_text("#!/bin/sh\n# Engine commands run by qwen-ft-images, in order.\nset -e\n")
+                path.chmod(0o755)
+
+    def record(self, argv: Sequence[str], env: Mapping[str, str] | None = None, comment: str = "") -> None:
+        if self.path is None:
+            return
+        prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
+        line = (prefix + " " if prefix else "") + shlex.join(argv)
+        with self._lock, self.path.open("a") as f:
+            if comment:
+                f.write(f"# {comment}\n")
+            f.write(line + "\n")
+
+
+_STEP = re.compile(r"^#\d+ \[(?P<step>[^\]]+)\] (?P<cmd>.*)$")
+_ERROR_HINTS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"no space left on device", re.I), "disk full: free space (docker system prune) and rebuild"),
+    (
+        re.compile(
+            r"(failed to resolve source metadata|pull access denied|failed to do request|"
+            r"manifest unknown|failed to authorize).*",
+            re.I,
+        ),
+        "base image unreachable: mirror it and pass --base-map 'PATTERN=MIRROR' (or docker load it)",
+    ),
+)
+
+
+class DockerEngine:
+    def __init__(self, docker_exe: str | None = None, commands: CommandLog | None = None) -> None:
+        self.exe = docker_executable(docker_exe)
+        self.commands = commands or CommandLog(None)
+        self._client: docker.DockerClient | None = None
+        self._build_argv: list[str] | None = None
+        self._build_env: dict[str, str] = {}
+        self._running: set[subprocess.Popen[str]] = set()
+        self._running_lock = threading.Lock()
+
+    def cancel_all(self) -> None:
+        """Stop every running build (Ctrl-C): BuildKit cancels and leaves no build containers."""
+        with self._running_lock:
+            procs = list(self._running)
+        for proc in procs:
+            _terminate(proc)
+
+    # -- engine presence --------------------------------------------------------------
+    @property
+    def client(self) -> docker.DockerClient:
+        if self._client is None:
+            import docker
+
+            try:
+                self._client = docker.from_env(timeout=600)
+                self._client.ping()
+            except docker.errors.DockerException as exc:
+                raise EngineError(
+                    f"no Docker daemon answers ({_short(exc)}); start dockerd (or Docker Desktop) "
+                    "or set DOCKER_HOST"
+                ) from None
+        return self._client
+
+    def check(self) -> str:
+        """Fail early, with what to do, if the daemon is missing or too old."""
+        info = self.client.version()
+        raw = str(info.get("Version", "0"))
+        try:
+            version = Version(re.sub(r"[+~].*$", "", raw))
+        except InvalidVersion:
+            version = Version("0")
+        if version < MIN_ENGINE:
+            raise EngineError(
+                f"Docker engine {raw} is too old: RUN --mount needs {MIN_ENGINE}+; upgrade dockerd"
+            )
+        self._detect_buildkit()
+        return raw
+
+    def _detect_buildkit(self) -> None:
+        if self._build_argv is not None:
+            return
+        buildx = subprocess.run([self.exe, "buildx", "version"], capture_output=True, text=True, check=False)
+        if buildx.returncode == 0:
+            self._build_argv = [self.exe, "buildx", "build", "--load"]
+            return
+        client = subprocess.run(
+            [self.exe, "version", "--format", "{{.Client.Version}}"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        try:
+            client_version = Version(re.sub(r"[+~].*$", "", client.stdout.strip()))
+        except InvalidVersion:
+            client_version = Version("0")
+        if client_version >= _CLI_BUILTIN_BUILDKIT_MAX:
+            raise EngineError(
+                f"{self.exe} ({client.stdout.strip()}) has no buildx plugin and no built-in BuildKit; "
+                "install docker-buildx, or pass --docker with a client that has it "
+                "(e.g. Debian's /usr/bin/docker)"
+            )
+        self._build_argv = [self.exe, "build"]
+        self._build_env = {"DOCKER_BUILDKIT": "1"}
+
+    # -- builds -----------------------------------------------------------------------
+    def build_argv(self, req: BuildRequest, iidfile: Path) -> tuple[list[str], dict[str, str]]:
+        """The exact command (and extra environment) for one build; also shown by --dry-run."""
+        self._detect_buildkit()
+        assert self._build_argv is not None
+        argv = [*self._build_argv, "--progress=plain", "--iidfile", str(iidfile), "-f", str(req.dockerfile)]
+        for key, value in sorted(req.build_args.items()):
+            argv += ["--build-arg", f"{key}={value}"]
+        for key, value in sorted(req.proxies.items()):
+            argv += ["--build-arg", f"{key}={value}"]
+        for key, value in sorted(req.labels.items()):
+            argv += ["--label", f"{key}={value}"]
+        for sid, src in sorted(req.secrets.items()):
+            argv += ["--secret", f"id={sid},src={src}"]
+        if req.network:
+            argv += ["--network", req.network]
+        argv.append(str(req.context))
+        return argv, dict(self._build_env)
+
+    def build(self, req: BuildRequest, log: Path, on_step: Callable[[str], None]) -> BuildOutcome:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        iidfile = log.with_suffix(".iid")
+        iidfile.unlink(missing_ok=True)
+        argv, extra_env = self.build_argv(req, iidfile)
+        self.commands.record(argv, extra_env, comment=f"build {req.name}")
+        env = {**os.environ, **extra_env}
+        last_step = None
+        tail: list[str] = []
+        with log.open("w") as out:
+            out.write("$ " + shlex.join(argv) + "\n")
+            # A new session keeps a terminal's Ctrl-C away from the child: we stop it
+            # ourselves, so BuildKit cancels cleanly and no half-built image gets tagged.
+            proc = subprocess.Popen(
+                argv,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=env,
+                start_new_session=True,
+            )
+            with self._running_lock:
+                self._running.add(proc)
+            try:
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    out.write(line)
+                    tail = [*tail[-40:], line.rstrip()]
+                    m = _STEP.match(line.rstrip())
+                    if m and not m.group("cmd").startswith(("DONE", "CACHED")):
+                        last_step = f"[{m.group('step')}] {m.group('cmd')}"[:160]
+                        on_step(last_step)
+                code = proc.wait()
+            except BaseException:
+                _terminate(proc)
+                raise
+            finally:
+                with self._running_lock:
+                    self._running.discard(proc)
+        if code != 0:
+            error = _summarise_error(tail)
+            return BuildOutcome(False, None, last_step, error, log)
+        image_id = iidfile.read_text().strip() if iidfile.exists() else None
+        iidfile.unlink(missing_ok=True)
+        return BuildOutcome(image_id is not None, image_id, None, None if image_id else "no image id", log)
+
+    # -- images -----------------------------------------------------------------------
+    def _inspect(self, ref: str) -> dict[str, Any] | None:
+        import docker
+
+        try:
+            data: dict[str, Any] = self.client.api.inspect_image(ref)  # type: ignore[no-untyped-call]
+        except docker.errors.ImageNotFound:
+            return None
+        return data
+
+    def image_labels(self, ref: str) -> Mapping[str, str] | None:
+        data = self._inspect(ref)
+        if data is None:
+            return None
+        return dict((data.get("Config") or {}).get("Labels") or {})
+
+    def image_id(self, ref: str) -> str | None:
+        data = self._inspect(ref)
+        return None if data is None else str(data["Id"])
+
+    def image_size(self, ref: str) -> int:
+        data = self._inspect(ref)
+        return 0 if data is None else int(data.get("Size", 0))
+
+    def repo_digests(self, ref: str) -> list[str]:
+        data = self._inspect(ref)
+        return [] if data is None else list(data.get("RepoDigests") or [])
+
+    def tag(self, image_id: str, ref: str) -> None:
+        repo, tag = split_ref(ref)
+        self.commands.record([self.exe, "tag", image_id, ref])
+        self.client.api.tag(image_id, repo, tag, force=True)
+
+    def push(self, ref: str) -> str:
+        """Push and return the manifest digest the registry reported."""
+        import docker
+
+        repo, tag = split_ref(ref)
+        self.commands.record([self.exe, "push", ref])
+        digest = None
+        try:
+            for event in self.client.api.push(repo, tag=tag, stream=True, decode=True):
+                if "error" in event:
+                    raise RegistryError(f"push of {ref} failed: {_short(event['error'])}")
+                aux = event.get("aux") or {}
+                if "Digest" in aux:
+                    digest = str(aux["Digest"])
+        except (docker.errors.APIError, OSError) as exc:
+            raise RegistryError(f"push of {ref} failed: {_short(exc)}; is the registry reachable?") from None
+        if digest is None:
+            raise RegistryError(f"push of {ref} reported no digest")
+        return digest
+
+    def pull(self, ref: str) -> str:
+        import docker
+
+        repo, tag = split_ref(ref)
+        self.commands.record([self.exe, "pull", ref])
+        try:
+            image = self.client.images.pull(repo, tag=tag)
+        except (docker.errors.APIError, OSError) as exc:
+            raise RegistryError(f"pull of {ref} failed: {_short(exc)}") from None
+        return str(image.id)
+
+    def remote_digest(self, ref: str) -> str | None:
+        """The manifest digest a registry holds for ref, or None if the tag does not exist."""
+        import docker
+
+        try:
+            data = self.client.images.get_registry_data(ref)
+        except docker.errors.NotFound:
+            return None
+        except docker.errors.APIError as exc:
+            text = str(exc)
+            if "manifest unknown" in text or "not found" in text.lower():
+                return None
+            raise RegistryError(
+                f"registry for {ref} is unreachable or refused: {_short(exc)}; "
+                "check --registry and that the registry runs"
+            ) from None
+        return str(data.id)
+
+    def remove_image(self, ref: str) -> None:
+        import docker
+
+        self.commands.record([self.exe, "rmi", ref])
+        with contextlib.suppress(docker.errors.ImageNotFound):
+            self.client.api.remove_image(ref, noprune=False)
+
+    # -- containers -------------------------------------------------------------------
+    @contextlib.contextmanager
+    def container(
+        self, image: str, command: Sequence[str], *, gpus: bool = False, env: Mapping[str, str] | None = None
+    ) -> Iterator[Any]:
+        """A started container that is always removed, even on Ctrl-C."""
+        import docker
+
+        kwargs: dict[str, Any] = {"detach": True, "environment": dict(env or {})}
+        if gpus:
+            kwargs["device_requests"] = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
+        gpu_flag = ["--gpus", "all"] if gpus else []
+        self.commands.record([self.exe, "run", "--rm", *gpu_flag, image, *command])
+        box = self.client.containers.run(image, list(command), **kwargs)
+        try:
+            yield box
+        finally:
+            with contextlib.suppress(docker.errors.APIError):
+                box.remove(force=True)
+
+
+def split_ref(ref: str) -> tuple[str, str]:
+    """'host:5000/ns/name:tag' -> ('host:5000/ns/name', 'tag')."""
+    name, _, tag = ref.rpartition(":")
+    if not name or "/" in tag:
+        return ref, "latest"
+    return name, tag
+
+
+def _terminate(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _summarise_error(tail: list[str]) -> str:
+    text = "\n".join(tail)
+    for pattern, hint in _ERROR_HINTS:
+        if pattern.search(text):
+            return hint
+    for line in reversed(tail):
+        if line.startswith(("ERROR", "error:", "failed to solve")) or "ERROR:" in line:
+            return line.strip()[:300]
+    return (tail[-1] if tail else "build failed")[:300]
+
+
+def _short(exc: object) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def parse_json_lines(text: str) -> list[dict[str, Any]]:
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            with contextlib.suppress(json.JSONDecodeError):
+                out.append(json.loads(line))
+    return out
+
+
+__all__ = [
+    "BuildOutcome",
+    "BuildRequest",
+    "CommandLog",
+    "DockerEngine",
+    "Engine",
+    "Interrupted",
+    "split_ref",
+]

@@ -9,6 +9,7 @@ from types import TracebackType
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from builder.build import ImageResult
@@ -64,7 +65,7 @@ class BuildProgress:
                 return
             if self._last_status.get(result.image) != result.status:
                 self._last_status[result.image] = result.status
-                self.console.print(f"{result.image}: {result.status}", highlight=False)
+                self.console.print(f"{result.image}: {result.status}", highlight=False, markup=False)
 
     def _table(self) -> Table:
         table = Table(show_header=True, header_style="bold", expand=False)
@@ -76,10 +77,10 @@ class BuildProgress:
         for r in self.rows.values():
             elapsed = r.seconds or (now - r.started if r.started else 0.0)
             table.add_row(
-                r.image,
+                escape(r.image),
                 f"[{_STYLE.get(r.status, '')}]{r.status}[/]",
                 f"{elapsed:5.0f}s" if elapsed else "",
-                r.step or (r.failed_step or ""),
+                escape(r.step or (r.failed_step or "")),
             )
         return table
 
@@ -96,10 +97,10 @@ def summary(results: Sequence[ImageResult], console: Console | None = None) -> N
             where = f" at {r.failed_step}" if r.failed_step else ""
             detail = f"{r.error or r.status}{where}; log: {r.log}"
         table.add_row(
-            r.image,
+            escape(r.image),
             f"[{_STYLE.get(r.status, '')}]{r.status}[/]",
             f"{r.seconds:.1f}s",
             human_size(r.size) if r.size else "",
-            detail,
+            escape(detail),
         )
     console.print(table)

@@ -169,6 +169,7 @@ class Report:
 
 
 def run_command(tag: str, device: int | None) -> str:
+    # No NVIDIA_DISABLE_REQUIRE here: the images set it, since their floor is io.qwen-ft.min-driver.
     gpus = f"--gpus '\"device={device}\"' " if device is not None else ""
     return f"docker run {gpus}--rm -it {tag} {SMOKE}"
 
@@ -216,33 +217,14 @@ def _on_gpu(kb: Knowledge, config: MatrixConfig, target: TargetConfig, cell: Cel
     return again if again.valid else None
 
 
-def min_driver(kb: Knowledge, cell: Cell) -> tuple[str | None, str]:
-    """The cell's minimum driver, never below its architecture's own floor.
-
-    resolve._min_driver returns the toolkit driver for PTX-only coverage without
-    comparing it with the architecture's floor, so e.g. a cu126 wheel JIT-compiled for
-    B200 would claim 560.35.05 although no driver before R570 drives Blackwell.
-    """
-    plan = cell.plan
-    assert plan is not None
-    need, why = plan.min_driver, plan.min_driver_reason
-    if cell.sm is None:
-        return need, why
-    try:
-        arch = kb.arch(cell.sm)
-    except KnowledgeError:
-        return need, why
-    if arch.min_driver and (need is None or Version(arch.min_driver) > Version(need)):
-        return (
-            arch.min_driver,
-            f"{arch.family} (sm_{cell.sm}) needs an R{arch.min_driver.split('.')[0]}+ driver",
-        )
-    return need, why
+def min_driver(cell: Cell) -> tuple[str | None, str]:
+    assert cell.plan is not None
+    return cell.plan.min_driver, cell.plan.min_driver_reason
 
 
 def _choice(kb: Knowledge, config: MatrixConfig, cell: Cell, on_gpu: Cell, built: bool) -> Choice:
     assert cell.plan is not None
-    need, why = min_driver(kb, on_gpu)
+    need, why = min_driver(on_gpu)
     return Choice(
         cell=cell,
         tag=qualify(cell.plan.tags[0], config.registry),
@@ -287,7 +269,7 @@ def find_fallback(
     for cell in built:
         on_gpu = _on_gpu(kb, config, target, cell, sm)
         if on_gpu is not None and on_gpu.plan is not None:
-            need, _ = min_driver(kb, on_gpu)
+            need, _ = min_driver(on_gpu)
             if need and (lowest is None or Version(need) < lowest):
                 lowest = Version(need)
             if _driver_fits(driver, need):
@@ -310,7 +292,7 @@ def find_fallback(
                         )
                         if not cell.valid or cell.plan is None:
                             continue
-                        need, _ = min_driver(kb, cell)
+                        need, _ = min_driver(cell)
                         if need and (lowest is None or Version(need) < lowest):
                             lowest = Version(need)
                         if _driver_fits(driver, need):
@@ -348,7 +330,15 @@ def advise_gpu(
         notes.append(f"{gpu.name!r} is not in gpus.yaml; mapped by its reported sm_{sm}")
     target, mapping = target_for_sm(config, sm, gpu.name)
     if target is None:
-        return GpuAdvice(gpu, None, mapping, None, None, None, None, usable=False, notes=(*notes, mapping))
+        known = next((g.name for g in kb.gpus if g.sm == sm), None)
+        name = re.sub(r"[^a-z0-9]", "", known.lower()) if known else f"sm{sm}"
+        hint = (
+            f"to build for it, add `{name}: {{sm: {sm}}}` under targets: in matrix.yaml "
+            f"and check it with `qwen-ft-images explain {name}`"
+        )
+        return GpuAdvice(
+            gpu, None, mapping, None, None, None, None, usable=False, notes=(*notes, mapping, hint)
+        )
     mine = [c for c in cells if c.spec.target == target.name]
     if not mine:
         return GpuAdvice(
@@ -671,8 +661,9 @@ def render_text(report: Report, *, log_name: str | None = None) -> str:
         out.append(f"  note: {note}")
     for g in report.gpus:
         sm = f"sm_{g.gpu.sm}" if g.gpu.sm is not None else "sm unknown"
+        label = g.gpu.name if g.gpu.name == sm else f"{g.gpu.name} ({sm})"
         out.append("")
-        out.append(f"GPU {g.gpu.index}    {g.gpu.name} ({sm}) -> {g.target or 'no target'}")
+        out.append(f"GPU {g.gpu.index}    {label} -> {g.target or 'no target'}")
         if g.target:
             out.append(f"  mapping  {g.mapping}")
         if g.image is not None:

@@ -113,7 +113,8 @@ class CommandLog:
             f.write(line + "\n")
 
 
-_STEP = re.compile(r"^#\d+ \[(?P<step>[^\]]+)\] (?P<cmd>.*)$")
+_STEP = re.compile(r"^#(?P<id>\d+) \[(?P<step>[^\]]+)\] (?P<cmd>.*)$")
+_STEP_ERROR = re.compile(r"^#(?P<id>\d+) ERROR:")
 _ERROR_HINTS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"no space left on device", re.I), "disk full: free space (docker system prune) and rebuild"),
     (
@@ -228,6 +229,8 @@ class DockerEngine:
         self.commands.record(argv, extra_env, comment=f"build {req.name}")
         env = {**os.environ, **extra_env}
         last_step = None
+        failed_step = None
+        steps: dict[str, str] = {}
         tail: list[str] = []
         with log.open("w") as out:
             out.write("$ " + shlex.join(argv) + "\n")
@@ -249,9 +252,13 @@ class DockerEngine:
                     out.write(line)
                     tail = [*tail[-40:], line.rstrip()]
                     m = _STEP.match(line.rstrip())
-                    if m and not m.group("cmd").startswith(("DONE", "CACHED")):
+                    if m:
                         last_step = f"[{m.group('step')}] {m.group('cmd')}"[:160]
+                        steps[m.group("id")] = last_step
                         on_step(last_step)
+                    err = _STEP_ERROR.match(line)
+                    if err and failed_step is None:
+                        failed_step = steps.get(err.group("id"))
                 code = proc.wait()
             except BaseException:
                 _terminate(proc)
@@ -261,7 +268,7 @@ class DockerEngine:
                     self._running.discard(proc)
         if code != 0:
             error = _summarise_error(tail)
-            return BuildOutcome(False, None, last_step, error, log)
+            return BuildOutcome(False, None, failed_step or last_step, error, log)
         image_id = iidfile.read_text().strip() if iidfile.exists() else None
         iidfile.unlink(missing_ok=True)
         return BuildOutcome(image_id is not None, image_id, None, None if image_id else "no image id", log)

@@ -540,12 +540,14 @@ def check_and_plan(
 def _min_driver(kb: Knowledge, cuda_version: str, sm: int, coverage: str | None) -> tuple[str, str]:
     cuda = kb.cuda[cuda_version]
     major = kb.cuda_majors[cuda_version.split(".")[0]]
-    if coverage == "ptx":
-        return cuda.toolkit_driver, (
-            f"sm_{sm} runs the wheel's PTX through the JIT, which needs CUDA {cuda_version}'s own driver"
-        )
-    floor, why = major.floor, f"CUDA {major.major}.x minor-version compatibility floor"
     arch = kb.arch(sm)
+    if coverage == "ptx":
+        floor, why = (
+            cuda.toolkit_driver,
+            (f"sm_{sm} runs the wheel's PTX through the JIT, which needs CUDA {cuda_version}'s own driver"),
+        )
+    else:
+        floor, why = major.floor, f"CUDA {major.major}.x minor-version compatibility floor"
     if arch.min_driver and Version(arch.min_driver) > Version(floor):
         floor, why = (
             arch.min_driver,

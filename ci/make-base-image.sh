@@ -93,4 +93,5 @@ tar -C "$ROOT" --numeric-owner -c . |
 
 # shellcheck disable=SC2016  # expanded by the container's shell
 docker_cli run --rm --pull never "$NAME" sh -c '. /etc/os-release && echo "  $PRETTY_NAME ($(cat /etc/debian_version))"'
-docker_cli image ls --format '  {{.Repository}}:{{.Tag}} {{.ID}} {{.Size}}' "$NAME"
+size=$(docker_cli image inspect -f '{{.Size}}' "$NAME")
+log "built $NAME ($(docker_cli image inspect -f '{{.Id}}' "$NAME" | cut -c1-19), $((size / 1000000)) MB)"

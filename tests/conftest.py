@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# Docker-tier fixtures (tests/ is on sys.path: it has no __init__.py).
+from docker_support import built_cpu, docker_engine  # noqa: F401
+
 from builder import config, knowledge
 from builder.knowledge import Knowledge
 

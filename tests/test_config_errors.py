@@ -40,7 +40,11 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 CASES = [
-    ("unknown-top-key", GOOD.replace("registry:", "registy:"), ["registy: unknown key; did you mean 'registry'?"]),
+    (
+        "unknown-top-key",
+        GOOD.replace("registry:", "registy:"),
+        ["registy: unknown key; did you mean 'registry'?"],
+    ),
     (
         "unknown-target-key",
         GOOD.replace("  v100:\n    sm: 70\n", "  v100:\n    sm: 70\n    dtyp: fp16\n"),
@@ -51,8 +55,16 @@ CASES = [
         GOOD.replace('  flash_attn: ["2.8.3", "none"]', '  flash_atn: ["2.8.3", "none"]'),
         ["axes.flash_atn: unknown key; did you mean 'flash_attn'?"],
     ),
-    ("bad-version", GOOD.replace('torch: ["2.8.0", "2.13.0"]', 'torch: ["2.8.0", "two"]'), ["axes.torch[1]", "'two'"]),
-    ("float-version", GOOD.replace('cuda: ["12.6", "12.8", "13.0"]', "cuda: [12.6, 12.8]"), ["axes.cuda[0]", "quote"]),
+    (
+        "bad-version",
+        GOOD.replace('torch: ["2.8.0", "2.13.0"]', 'torch: ["2.8.0", "two"]'),
+        ["axes.torch[1]", "'two'"],
+    ),
+    (
+        "float-version",
+        GOOD.replace('cuda: ["12.6", "12.8", "13.0"]', "cuda: [12.6, 12.8]"),
+        ["axes.cuda[0]", "quote"],
+    ),
     ("wrong-type", GOOD.replace("    sm: 70\n", "    sm: seventy\n"), ["targets.v100.sm", "integer"]),
     ("bad-enum", GOOD.replace("    sm: 75\n", "    sm: 75\n    dtype: fp8\n"), ["targets.t4.dtype", "'fp8'"]),
     ("empty", "", ["the matrix is empty"]),
@@ -63,7 +75,11 @@ CASES = [
         GOOD.replace("- {target: v100,", "- {target: v10,"),
         ["include[0].target: no target named 'v10'; did you mean 'v100'?"],
     ),
-    ("exclude-matches-nothing", GOOD.replace("exclude: []", "exclude: [{target: z*}]"), ["exclude[0].target"]),
+    (
+        "exclude-matches-nothing",
+        GOOD.replace("exclude: []", "exclude: [{target: z*}]"),
+        ["exclude[0].target"],
+    ),
     (
         "every-cell-invalid",
         GOOD.replace("    sm: 70\n", '    sm: 70\n    axes: {cuda: ["13.0"]}\n'),
@@ -89,7 +105,9 @@ def test_selector_matching_nothing() -> None:
 
 
 def test_explain_bad_version_and_unknown_target() -> None:
-    assert_one_line_error(run_cli("explain", "v100", "--torch", "latest"), "--torch 'latest' is not a version")
+    assert_one_line_error(
+        run_cli("explain", "v100", "--torch", "latest"), "--torch 'latest' is not a version"
+    )
     assert_one_line_error(run_cli("explain", "v1000"), "unknown target 'v1000'; did you mean 'v100'?")
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from builder import cli, config, doctor, hostprobe, resolve
 from builder.config import MatrixConfig
@@ -77,9 +78,7 @@ def report_for(
     runner: Callable[[Sequence[str]], CmdResult | None],
     **kw: Any,
 ) -> doctor.Report:
-    return doctor.run(
-        kb, res, res.cells, runner=runner, nvml_loader=no_nvml, which=never, machine=x86, **kw
-    )
+    return doctor.run(kb, res, res.cells, runner=runner, nvml_loader=no_nvml, which=never, machine=x86, **kw)
 
 
 # ----------------------------------------------------------------------------- nvidia-smi parsing
@@ -104,7 +103,9 @@ def test_parse_recorded_nvidia_smi(fixture: str, names: list[str], sm: int, driv
     assert {g.memory_mib for g in gpus} == {memory}
 
 
-@pytest.mark.parametrize(("text", "sm"), [("7.0", 70), ("8.9", 89), ("10.0", 100), ("12.1", 121), ("[N/A]", None)])
+@pytest.mark.parametrize(
+    ("text", "sm"), [("7.0", 70), ("8.9", 89), ("10.0", 100), ("12.1", 121), ("[N/A]", None)]
+)
 def test_compute_cap(text: str, sm: int | None) -> None:
     assert hostprobe.parse_compute_cap(text) == sm
 
@@ -184,7 +185,7 @@ def test_nvml_is_preferred_and_shut_down() -> None:
         ("NVIDIA H100 80GB HBM3", 90, "570.86.15", 81559),
         ("NVIDIA L4", 89, "570.86.15", 23034),
     ]
-    assert nv.calls == {"init": 1, "shutdown": 1}  # type: ignore[attr-defined]
+    assert nv.calls == {"init": 1, "shutdown": 1}
     assert host.calls == []  # nvidia-smi is not needed
 
 
@@ -214,12 +215,19 @@ def test_docker_and_runtime_probe() -> None:
     version, runtime, _ = hostprobe.probe_docker(smi_host("t4.csv", nvidia_runtime=False), never)
     assert runtime is None
     _, runtime, _ = hostprobe.probe_docker(
-        smi_host("t4.csv", nvidia_runtime=False), lambda t: "/usr/bin/nvidia-ctk" if t == "nvidia-ctk" else None
+        smi_host("t4.csv", nvidia_runtime=False),
+        lambda t: "/usr/bin/nvidia-ctk" if t == "nvidia-ctk" else None,
     )
     assert runtime == "nvidia-ctk is on PATH"
     version, runtime, notes = hostprobe.probe_docker(FakeHost({}), never)
     assert version is None and runtime is None and "not installed" in notes[0]
-    down = FakeHost({"docker version": CmdResult(1, "", "Cannot connect to the Docker daemon at unix:///var/run/docker.sock")})
+    down = FakeHost(
+        {
+            "docker version": CmdResult(
+                1, "", "Cannot connect to the Docker daemon at unix:///var/run/docker.sock"
+            )
+        }
+    )
     version, _, notes = hostprobe.probe_docker(down, never)
     assert version is None and "Cannot connect" in notes[0]
 
@@ -275,11 +283,11 @@ def test_t4_on_r580_keeps_the_recommended_image(kb: Knowledge, res: resolve.Reso
 
 def test_built_pinned_image_is_preferred_over_a_new_cell(kb: Knowledge) -> None:
     """An older driver that fits an image already in the matrix gets that image (built=True)."""
-    text = (ROOT / "matrix.yaml").read_text() + (
-        '\n  - {target: t4, cuda: "12.6", torch: "2.8.0", python: "3.10", flash_attn: "none"}\n'
+    data = yaml.safe_load((ROOT / "matrix.yaml").read_text())
+    data["include"].append(
+        {"target": "t4", "cuda": "12.6", "torch": "2.8.0", "python": "3.10", "flash_attn": "none"}
     )
-    text = text.replace("exclude: []\n", "")
-    cfg = config.parse(text.replace("include:\n", "exclude: []\ninclude:\n"), ROOT / "matrix.yaml")
+    cfg = config.parse(yaml.safe_dump(data), ROOT / "matrix.yaml")
     res2 = resolve.resolve(cfg, kb)
     report = report_for(kb, res2, FakeHost({}), assume_gpus=["T4"], assume_driver="535.104.05")
     fb = report.gpus[0].fallback
@@ -314,13 +322,27 @@ targets:
   t4: {sm: 75}
   b200: {sm: 100}
   cpu: {sm: null, axes: {torch: ["2.13.0"], python: ["3.11"]}}
-axes: {cuda: ["12.6", "12.8", "13.0"], torch: ["2.8.0", "2.13.0"], python: ["3.10", "3.12"], flash_attn: ["2.8.3", "none"]}
+axes:
+  cuda: ["12.6", "12.8", "13.0"]
+  torch: ["2.8.0", "2.13.0"]
+  python: ["3.10", "3.12"]
+  flash_attn: ["2.8.3", "none"]
 """
 
 
 @pytest.mark.parametrize(
     ("sm", "target"),
-    [(89, "a10"), (86, "a10"), (87, "a10"), (80, "a100"), (75, "t4"), (103, "b200"), (90, None), (120, None), (70, None)],
+    [
+        (89, "a10"),
+        (86, "a10"),
+        (87, "a10"),
+        (80, "a100"),
+        (75, "t4"),
+        (103, "b200"),
+        (90, None),
+        (120, None),
+        (70, None),
+    ],
 )
 def test_binary_compatibility_mapping(sm: int, target: str | None) -> None:
     cfg = config.parse(SMALL, Path("matrix.yaml"))
@@ -346,7 +368,16 @@ def test_unknown_gpu_without_sm_is_reported(kb: Knowledge, res: resolve.Resoluti
 
 @pytest.mark.parametrize(
     ("text", "sm"),
-    [("V100", 70), ("v100", 70), ("sm_70", 70), ("70", 70), ("8.6", 86), ("A10G", 86), ("RTX 4090", 89), ("A100", 80)],
+    [
+        ("V100", 70),
+        ("v100", 70),
+        ("sm_70", 70),
+        ("70", 70),
+        ("8.6", 86),
+        ("A10G", 86),
+        ("RTX 4090", 89),
+        ("A100", 80),
+    ],
 )
 def test_assume_gpu_forms(kb: Knowledge, matrix: MatrixConfig, text: str, sm: int) -> None:
     assert doctor.parse_assumed_gpu(kb, matrix, text, 0, None).sm == sm
@@ -357,7 +388,10 @@ def test_assume_gpu_unknown_lists_known_names(kb: Knowledge, matrix: MatrixConfi
         doctor.parse_assumed_gpu(kb, matrix, "Foo", 0, None)
 
 
-@pytest.mark.parametrize(("text", "problem"), [("abc", "not an NVIDIA driver"), ("535.x", "not an NVIDIA"), ("12.4", "CUDA version")])
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [("abc", "not an NVIDIA driver"), ("535.x", "not an NVIDIA"), ("12.4", "CUDA version")],
+)
 def test_bad_driver(text: str, problem: str) -> None:
     with pytest.raises(ConfigError, match=problem):
         doctor.parse_driver(text)
@@ -366,7 +400,15 @@ def test_bad_driver(text: str, problem: str) -> None:
 def test_json_shape_is_stable(kb: Knowledge, res: resolve.Resolution) -> None:
     data = doctor.report_json(report_for(kb, res, smi_host("t4.csv")))
     assert set(data) == {"schema", "ok", "host", "gpus", "cpu", "diagnoses"}
-    assert set(data["host"]) == {"cpu_arch", "docker", "nvidia_runtime", "driver", "source", "problem", "notes"}
+    assert set(data["host"]) == {
+        "cpu_arch",
+        "docker",
+        "nvidia_runtime",
+        "driver",
+        "source",
+        "problem",
+        "notes",
+    }
     assert set(data["gpus"][0]) == {
         "index", "name", "sm", "memory_mib", "driver", "target", "mapping", "image", "tag",
         "driver_ok", "needs_driver", "fallback", "run_command", "usable", "notes",
@@ -447,7 +489,9 @@ def run_cli(
     return code, out, err
 
 
-def test_cli_no_gpu_recommends_cpu(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_no_gpu_recommends_cpu(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out, err = run_cli(monkeypatch, capsys, "doctor")
     assert code == 0 and err == ""
     assert "none found: nvidia-smi is not installed (no NVIDIA driver on this machine)" in out
@@ -469,7 +513,9 @@ def test_cli_log_diagnosis(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captu
     assert "diagnosis [triton-launcher-gcc]" in out and "QwenLM/Qwen#1199" in out
 
 
-def test_cli_selectors_restrict_images(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_selectors_restrict_images(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out, _ = run_cli(
         monkeypatch, capsys, "doctor", "--json", "--assume-gpu", "V100", "--assume-driver", "535.104.05",
         "v100-fp16-cu126-torch2.8.0-py3.10",
@@ -516,3 +562,25 @@ def test_doctor_is_fast(kb: Knowledge, res: resolve.Resolution) -> None:
 
 def test_gpu_info_defaults() -> None:
     assert GpuInfo(0, "x", None, None).memory_mib is None
+
+
+def test_assume_driver_overrides_the_detected_one(kb: Knowledge, res: resolve.Resolution) -> None:
+    report = report_for(kb, res, smi_host("t4.csv"), assume_driver="580.95.05")
+    assert report.gpus[0].driver_ok is True and report.host.source == "nvidia-smi"
+    assert "driver assumed 580.95.05 (detected 535.104.05)" in report.host.notes
+
+
+def test_gpu_without_target_says_how_to_add_one(kb: Knowledge, res: resolve.Resolution) -> None:
+    report = report_for(kb, res, FakeHost({}), assume_gpus=["RTX 5090"], assume_driver="575.57.08")
+    (gpu,) = report.gpus
+    assert gpu.target is None and not gpu.usable and not report.ok
+    assert any("`rtx5090: {sm: 120}`" in n for n in gpu.notes)
+
+
+def test_images_disable_the_base_images_driver_requirement() -> None:
+    """nvidia/cuda bases ask the container runtime for their toolkit's driver; the wheels need less."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    assert "ENV NVIDIA_DISABLE_REQUIRE=1" in (root / "images" / "a10-bf16" / "Dockerfile").read_text()
+    assert "NVIDIA_DISABLE_REQUIRE" not in (root / "images" / "cpu-fp32" / "Dockerfile").read_text()

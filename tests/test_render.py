@@ -48,7 +48,10 @@ def test_check_names_each_changed_file(project_copy: Path) -> None:
     assert "images/cpu-fp32/Dockerfile (missing)" in msg
     assert "images/stale-image/Dockerfile (stale)" in msg
     proc = subprocess.run(
-        [sys.executable, "-m", "builder", "render", "--check"], cwd=project_copy, capture_output=True, text=True
+        [sys.executable, "-m", "builder", "render", "--check"],
+        cwd=project_copy,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 4 and "Traceback" not in proc.stderr
     # Writing repairs it and removes the stale folder.
@@ -115,11 +118,12 @@ def test_source_build_dockerfile_is_multistage_and_lints(project_copy: Path) -> 
         pytest.fail("hadolint is not installed")
     matrix = project_copy / "matrix.yaml"
     matrix.write_text(
-        matrix.read_text().replace(
+        matrix.read_text()
+        .replace(
             "exclude: []",
-            'exclude: []\n'
-            "# source build\n",
-        ).replace(
+            "exclude: []\n# source build\n",
+        )
+        .replace(
             "include:\n",
             'include:\n  - {target: h100, cuda: "12.6", torch: "2.13.0", python: "3.12", flash_attn: "2.8.3"}\n',
         )

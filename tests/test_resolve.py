@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-
 from packaging.version import Version
 
 from builder import resolve
@@ -35,9 +34,28 @@ def check(
 
 INVALID = [
     # (id, target, cuda, torch, python, flash_attn, dtype, triton, expected rules)
-    ("seed-v100-fa257", "v100", "12.1", "2.4.1", "3.10", "2.5.7", None, None,
-     {"flash-attn-sm", "flash-attn-triton"}),
-    ("v100-fa283", "v100", "12.6", "2.8.0", "3.12", "2.8.3", None, None, {"flash-attn-sm", "flash-attn-triton"}),
+    (
+        "seed-v100-fa257",
+        "v100",
+        "12.1",
+        "2.4.1",
+        "3.10",
+        "2.5.7",
+        None,
+        None,
+        {"flash-attn-sm", "flash-attn-triton"},
+    ),
+    (
+        "v100-fa283",
+        "v100",
+        "12.6",
+        "2.8.0",
+        "3.12",
+        "2.8.3",
+        None,
+        None,
+        {"flash-attn-sm", "flash-attn-triton"},
+    ),
     ("t4-fa", "t4", "12.6", "2.8.0", "3.12", "2.8.3", None, None, {"flash-attn-sm", "flash-attn-triton"}),
     ("v100-bf16", "v100", "12.6", "2.8.0", "3.12", "none", "bf16", None, {"bf16-sm"}),
     ("t4-bf16", "t4", "12.6", "2.8.0", "3.12", "none", "bf16", None, {"bf16-sm"}),
@@ -53,8 +71,17 @@ INVALID = [
     ("fa-unknown", "a100", "12.8", "2.8.0", "3.12", "9.9.9", None, None, {"flash-attn-unknown"}),
     ("fa-torch", "a100", "12.1", "2.4.1", "3.10", "2.8.3", None, None, set()),  # has a wheel: valid
     ("fa-min-torch", "a100", "11.8", "2.4.1", "3.10", "2.7.4.post1", None, None, {"flash-attn-cuda"}),
-    ("fa-python", "a100", "12.8", "2.8.0", "3.14", "2.8.3", None, None,
-     {"torch-python", "python-base-os", "flash-attn-python"}),
+    (
+        "fa-python",
+        "a100",
+        "12.8",
+        "2.8.0",
+        "3.14",
+        "2.8.3",
+        None,
+        None,
+        {"torch-python", "python-base-os", "flash-attn-python"},
+    ),
     ("fa-cuda13", "a100", "13.0", "2.13.0", "3.12", "2.8.3", None, None, {"flash-attn-source-cuda"}),
     ("cpu-fa", "cpu", "none", "2.13.0", "3.11", "2.8.3", None, None, {"flash-attn-cpu"}),
     ("cpu-fp16", "cpu", "none", "2.13.0", "3.11", "none", "fp16", None, {"cpu-dtype"}),
@@ -169,7 +196,9 @@ def test_torch_index_and_pypi_default(kb: Knowledge, matrix: MatrixConfig) -> No
         ("a100", "11.8", "2.7.1", "450.80.02"),
     ],
 )
-def test_min_driver(kb: Knowledge, matrix: MatrixConfig, target: str, cuda: str, torch: str, expected: str) -> None:
+def test_min_driver(
+    kb: Knowledge, matrix: MatrixConfig, target: str, cuda: str, torch: str, expected: str
+) -> None:
     python = "3.10"
     cell = check(kb, matrix, target, cuda, torch, python)
     if not cell.valid:
@@ -218,7 +247,10 @@ def test_recommended_policy_prefers_wheels_then_newest_torch(kb: Knowledge, matr
 def test_every_cell_invalid_is_an_error(kb: Knowledge, matrix: MatrixConfig) -> None:
     from builder.config import Axes
 
-    t = replace(matrix.targets["v100"], axes=Axes(cuda=("13.0",), torch=("2.13.0",), python=("3.12",), flash_attn=("none",)))
+    t = replace(
+        matrix.targets["v100"],
+        axes=Axes(cuda=("13.0",), torch=("2.13.0",), python=("3.12",), flash_attn=("none",)),
+    )
     bad = replace(matrix, targets={"v100": t}, include=())
     with pytest.raises(ConfigError, match="every cell is invalid"):
         resolve.resolve(bad, kb)
@@ -228,7 +260,9 @@ def test_invalid_recommended_pin_is_an_error(kb: Knowledge, matrix: MatrixConfig
     pin = CellSpec(target="v100", cuda="12.6", torch="2.8.0", python="3.12", flash_attn="2.8.3")
     t = replace(matrix.targets["v100"], recommended=pin)
     bad = replace(matrix, targets={"v100": t}, include=())
-    with pytest.raises(ConfigError, match=r"targets\.v100\.recommended is invalid: flash-attn 2\.8\.3 needs sm_80"):
+    with pytest.raises(
+        ConfigError, match=r"targets\.v100\.recommended is invalid: flash-attn 2\.8\.3 needs sm_80"
+    ):
         resolve.resolve(bad, kb)
 
 
@@ -243,7 +277,9 @@ def test_selectors(kb: Knowledge, matrix: MatrixConfig) -> None:
 
 
 def test_explain_any_cell(kb: Knowledge, matrix: MatrixConfig) -> None:
-    cell = resolve.explain(matrix, kb, "v100", overrides={"torch": "2.7.1", "cuda": "11.8", "python": "3.10"}, dtype=None)
+    cell = resolve.explain(
+        matrix, kb, "v100", overrides={"torch": "2.7.1", "cuda": "11.8", "python": "3.10"}, dtype=None
+    )
     assert cell.valid and not cell.recommended
     bad = resolve.explain(matrix, kb, "v100", overrides={}, dtype="bf16")
     assert not bad.valid and bad.reasons[0].rule == "bf16-sm"

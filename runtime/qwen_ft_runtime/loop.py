@@ -8,7 +8,7 @@ import math
 import shutil
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,7 +141,6 @@ def train_loop(
     pad_id: int,
     *,
     resume: Path | None = None,
-    on_checkpoint: Callable[[Path], None] | None = None,
 ) -> RunResult:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -181,9 +180,7 @@ def train_loop(
         if config.log_every and ((step + 1) % config.log_every == 0 or step + 1 == config.steps):
             _log_progress(step + 1, config, loss_value, grad_norm, scaler, result)
         if config.save_every and config.output and (step + 1) % config.save_every == 0:
-            path = save_checkpoint(config.output, step + 1, model, optimizer, scaler, config)
-            if on_checkpoint is not None:
-                on_checkpoint(path)
+            save_checkpoint(config.output, step + 1, model, optimizer, scaler, config)
     result.loss_scale = float(scaler.get_scale()) if scaler.is_enabled() else None
     return result
 

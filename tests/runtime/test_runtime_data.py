@@ -111,8 +111,6 @@ def test_jsonl_errors_name_file_and_line(tmp_path: Path, bad_line: str, message:
 def test_batch_order_is_a_pure_function_of_step() -> None:
     steps = [batch_indices(10, 4, step, seed=1) for step in range(6)]
     assert [len(b) for b in steps] == [4, 4, 2, 4, 4, 2]
-    assert sorted(itertools.chain(*steps[:3])) == list(
-        range(10)
-    )  # each epoch covers every sample once
+    assert sorted(itertools.chain(*steps[:3])) == list(range(10))  # each epoch covers every sample once
     assert steps[:3] != steps[3:]  # and is reshuffled
     assert batch_indices(10, 4, 4, seed=1) == steps[4]

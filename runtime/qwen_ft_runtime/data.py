@@ -51,9 +51,7 @@ def special_id(tokenizer: TokenizerLike, token: str) -> int:
     return token_id
 
 
-def encode_chat(
-    messages: Sequence[Message], tokenizer: TokenizerLike, max_len: int | None = None
-) -> Example:
+def encode_chat(messages: Sequence[Message], tokenizer: TokenizerLike, max_len: int | None = None) -> Example:
     """Render ChatML and label only assistant replies, each including its <|im_end|>.
 
     Segments are encoded separately (rather than rendering one string and searching for

@@ -183,9 +183,7 @@ def versions() -> dict[str, Any]:
         "transformers": dist_version("transformers"),
         "peft": dist_version("peft"),
         "accelerate": dist_version("accelerate"),
-        "flash_attn": dist_version("flash-attn", "flash_attn")
-        if module_present("flash_attn")
-        else None,
+        "flash_attn": dist_version("flash-attn", "flash_attn") if module_present("flash_attn") else None,
         "triton": dist_version("triton", "pytorch-triton") if module_present("triton") else None,
     }
 

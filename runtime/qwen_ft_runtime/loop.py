@@ -25,9 +25,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 
 
 class NonFiniteLoss(RuntimeError):
-    def __init__(
-        self, step: int, value: float, what: str = "loss", losses: Sequence[float] = ()
-    ) -> None:
+    def __init__(self, step: int, value: float, what: str = "loss", losses: Sequence[float] = ()) -> None:
         super().__init__(f"{what} is {value} at step {step}")
         self.step = step
         self.value = value
@@ -278,9 +276,7 @@ def restore_checkpoint(
         raise UsageError(f"{path} is not a checkpoint (no state.json)")
     state = json.loads(state_file.read_text(encoding="utf-8"))
     if state.get("method") != config.method:
-        raise UsageError(
-            f"{path} was trained with --method {state.get('method')}, not {config.method}"
-        )
+        raise UsageError(f"{path} was trained with --method {state.get('method')}, not {config.method}")
     for key in ("seed", "batch_size", "dtype"):
         if state.get(key) != getattr(config, key):
             log.warning(
@@ -297,9 +293,7 @@ def restore_checkpoint(
     with torch.no_grad():
         for name, tensor in saved.items():
             named[name].copy_(tensor)
-    optimizer.load_state_dict(
-        torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    )
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     scaler_state = torch.load(path / "scaler.pt", map_location="cpu", weights_only=True)
     if scaler_state and scaler.is_enabled():
         scaler.load_state_dict(scaler_state)

@@ -164,6 +164,4 @@ def param_counts(model: Any) -> tuple[int, int]:
 
 
 def trainable_dtypes(model: Any) -> list[str]:
-    return sorted(
-        {str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad}
-    )
+    return sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad})

@@ -47,9 +47,7 @@ def dtype_problem(dtype: str, capability: Capability) -> str | None:
     return None
 
 
-def attn_problem(
-    attn: str, dtype: str, capability: Capability, flash_attn_available: bool
-) -> str | None:
+def attn_problem(attn: str, dtype: str, capability: Capability, flash_attn_available: bool) -> str | None:
     if attn != "flash_attention_2":
         return None
     if capability is None:

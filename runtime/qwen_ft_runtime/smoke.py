@@ -132,9 +132,7 @@ def run_smoke(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     import_to_first = None if first_step_end is None else first_step_end - IMPORT_T0
     age = process_age_s()
     process_to_first = (
-        None
-        if first_step_end is None or age is None
-        else age - (time.perf_counter() - first_step_end)
+        None if first_step_end is None or age is None else age - (time.perf_counter() - first_step_end)
     )
     payload = {
         "entry": "smoke",
@@ -159,9 +157,7 @@ def run_smoke(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
 
 
 def _describe(precision: Precision) -> str:
-    return (
-        f"{precision.dtype} ({precision.dtype_source}), {precision.attn} ({precision.attn_source})"
-    )
+    return f"{precision.dtype} ({precision.dtype_source}), {precision.attn} ({precision.attn_source})"
 
 
 def _round(value: float | None, digits: int = 4) -> float | None:

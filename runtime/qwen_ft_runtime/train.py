@@ -71,18 +71,14 @@ def run_train(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
         image_attn=plan.attn,
     )
     if precision.problems:
-        raise UsageError(
-            "; ".join(precision.problems) + " (override with --dtype/--attn if intended)"
-        )
+        raise UsageError("; ".join(precision.problems) + " (override with --dtype/--attn if intended)")
     lr = args.lr if args.lr is not None else default_lr(precision.dtype)
     model, tokenizer = load_pretrained(
         model_path, precision.attn, weight_dtype(args.method, precision.dtype), device
     )
     examples, dropped = encode_all(conversations, tokenizer, args.max_len)
     if dropped:
-        log.warning(
-            "%d samples dropped: nothing left to train on after --max-len %d", dropped, args.max_len
-        )
+        log.warning("%d samples dropped: nothing left to train on after --max-len %d", dropped, args.max_len)
     if not examples:
         raise UsageError(f"{data_path}: no sample has an assistant token within --max-len")
     per_epoch = steps_per_epoch(len(examples), args.batch_size)

@@ -48,7 +48,35 @@ def _emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# Commands that live in their own modules (builder/commands/), imported only when run,
+# so `explain` and `matrix` never pay for torch, docker or plotting imports.
+LAZY_COMMANDS = {
+    "smoke": "builder.commands.smoke",
+    "compare": "builder.commands.compare",
+    "audit": "builder.commands.audit",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in LAZY_COMMANDS:
+            import importlib
+
+            try:
+                module = importlib.import_module(LAZY_COMMANDS[cmd_name])
+            except ModuleNotFoundError as exc:
+                if exc.name != LAZY_COMMANDS[cmd_name]:
+                    raise
+                return None
+            command: click.Command = module.command
+            return command
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "-f",
     "--matrix",

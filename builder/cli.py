@@ -248,7 +248,8 @@ def render_cmd(obj: Context, check: bool) -> None:
         return
     changed = render.write(project, files)
     for path in changed:
-        click.echo(f"wrote {path.relative_to(project.root)}")
+        verb = "wrote" if path.exists() else "removed"
+        click.echo(f"{verb} {path.relative_to(project.root)}")
     click.echo(f"{len(files)} files rendered, {len(changed)} changed")
 
 

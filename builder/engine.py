@@ -20,6 +20,8 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +63,15 @@ class BuildOutcome:
     failed_step: str | None
     error: str | None
     log: Path
+
+
+@dataclass(frozen=True)
+class ContainerRun:
+    exit_code: int | None  # None: killed at the timeout
+    stdout: str
+    stderr: str
+    seconds: float
+    timed_out: bool = False
 
 
 class Engine(Protocol):
@@ -365,22 +376,95 @@ class DockerEngine:
     # -- containers -------------------------------------------------------------------
     @contextlib.contextmanager
     def container(
-        self, image: str, command: Sequence[str], *, gpus: bool = False, env: Mapping[str, str] | None = None
+        self,
+        image: str,
+        command: Sequence[str],
+        *,
+        gpus: bool = False,
+        env: Mapping[str, str] | None = None,
+        volumes: Mapping[str, str] | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> Iterator[Any]:
-        """A started container that is always removed, even on Ctrl-C."""
+        """A started container that is always removed, even on Ctrl-C.
+
+        `volumes` maps host paths to container paths, mounted read-only. The name is chosen
+        before the container is created, so an interrupt at any point still finds it to remove,
+        and a second Ctrl-C waits until the removal is done.
+        """
         import docker
 
-        kwargs: dict[str, Any] = {"detach": True, "environment": dict(env or {})}
+        name = f"qwen-ft-{uuid.uuid4().hex[:12]}"
+        kwargs: dict[str, Any] = {"name": name, "environment": dict(env or {}), "labels": dict(labels or {})}
+        flags = ["--gpus", "all"] if gpus else []
         if gpus:
             kwargs["device_requests"] = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
-        gpu_flag = ["--gpus", "all"] if gpus else []
-        self.commands.record([self.exe, "run", "--rm", *gpu_flag, image, *command])
-        box = self.client.containers.run(image, list(command), **kwargs)
+        for key, value in (env or {}).items():
+            flags += ["-e", f"{key}={value}"]
+        if volumes:
+            kwargs["volumes"] = {str(src): {"bind": dst, "mode": "ro"} for src, dst in volumes.items()}
+            for src, dst in volumes.items():
+                flags += ["-v", f"{src}:{dst}:ro"]
+        self.commands.record([self.exe, "run", "--rm", *flags, image, *command])
         try:
+            box = self.client.containers.create(image, list(command), **kwargs)
+            box.start()
             yield box
         finally:
-            with contextlib.suppress(docker.errors.APIError):
-                box.remove(force=True)
+            with _sigint_deferred(), contextlib.suppress(docker.errors.APIError):
+                self.client.api.remove_container(name, force=True)
+
+    def run_container(
+        self,
+        image: str,
+        command: Sequence[str],
+        *,
+        timeout: float,
+        gpus: bool = False,
+        env: Mapping[str, str] | None = None,
+        volumes: Mapping[str, str] | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> ContainerRun:
+        """Run a container to its end (killed after `timeout` s); stdout and stderr kept apart."""
+        import docker
+        import requests
+
+        start = time.monotonic()
+        try:
+            with self.container(image, command, gpus=gpus, env=env, volumes=volumes, labels=labels) as box:
+                code: int | None = None
+                try:
+                    code = int(box.wait(timeout=timeout)["StatusCode"])
+                except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError) as exc:
+                    if not isinstance(exc, requests.exceptions.ReadTimeout) and (
+                        time.monotonic() - start < timeout
+                    ):
+                        raise EngineError(
+                            f"lost the Docker daemon while running {image}: {_short(exc)}"
+                        ) from None
+                    with contextlib.suppress(docker.errors.APIError):
+                        box.kill()
+                stdout = box.logs(stdout=True, stderr=False).decode(errors="replace")
+                stderr = box.logs(stdout=False, stderr=True).decode(errors="replace")
+        except docker.errors.APIError as exc:
+            hint = "; is the NVIDIA Container Toolkit installed and dockerd restarted?" if gpus else ""
+            raise EngineError(f"docker could not run {image}: {_short(exc)}{hint}") from None
+        return ContainerRun(code, stdout, stderr, time.monotonic() - start, timed_out=code is None)
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold Ctrl-C off while cleanup runs, then raise it: a second Ctrl-C cannot skip a removal."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def split_ref(ref: str) -> tuple[str, str]:
@@ -434,6 +518,7 @@ __all__ = [
     "BuildOutcome",
     "BuildRequest",
     "CommandLog",
+    "ContainerRun",
     "DockerEngine",
     "Engine",
     "Interrupted",

@@ -90,7 +90,7 @@ def _cell_id(target: dict[str, Any]) -> str:
 def test_groups_per_gpu_family(baked: tuple[Path, dict[str, Any]]) -> None:
     _, data = baked
     groups = data["group"]
-    assert groups["volta"]["targets"] == ["v100-fp16", "v100-fp16-cu126-torch2_8_0-py3_10"]
+    assert groups["volta"]["targets"] == ["v100-fp16", "v100-fp16-cu128-torch2_8_0-py3_10"]
     assert groups["ada"]["targets"] == ["l4-bf16"] and groups["cpu"]["targets"] == ["cpu-fp32"]
     assert list(groups)[-1] == "default"
 
@@ -137,7 +137,7 @@ def test_ca_bundle_is_a_secret_and_no_registry_means_no_cache(tmp_path: Path, pr
     bundle = tmp_path / "ca.pem"
     bundle.write_text("-----BEGIN CERTIFICATE-----\n")
     data = run_bake(project_copy, "--ca-bundle", str(bundle), "v100")
-    assert set(data["target"]) == {"v100-fp16", "v100-fp16-cu126-torch2_8_0-py3_10"}
+    assert set(data["target"]) == {"v100-fp16", "v100-fp16-cu128-torch2_8_0-py3_10"}
     for target in data["target"].values():
         assert target["secret"] == [f"id=ca_bundle,src={bundle.resolve()}"]
         assert "cache-from" not in target and "cache-to" not in target

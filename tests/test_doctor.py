@@ -453,7 +453,7 @@ def test_diagnoses_name_images(kb: Knowledge, res: resolve.Resolution) -> None:
 
     assert set(one("flash-attn-pre-ampere.log").images) == {
         "qwen-ft:v100-fp16",
-        "qwen-ft:v100-fp16-cu126-torch2.8.0-py3.10",
+        "qwen-ft:v100-fp16-cu128-torch2.8.0-py3.10",
         "qwen-ft:t4-fp16",
     }
     assert "qwen-ft:t4-fp16" in one("bf16-pre-ampere--trainer.log").images
@@ -518,9 +518,9 @@ def test_cli_selectors_restrict_images(
 ) -> None:
     code, out, _ = run_cli(
         monkeypatch, capsys, "doctor", "--json", "--assume-gpu", "V100", "--assume-driver", "535.104.05",
-        "v100-fp16-cu126-torch2.8.0-py3.10",
+        "v100-fp16-cu128-torch2.8.0-py3.10",
     )  # fmt: skip
-    assert code == 0 and json.loads(out)["gpus"][0]["image"] == "v100-fp16-cu126-torch2.8.0-py3.10"
+    assert code == 0 and json.loads(out)["gpus"][0]["image"] == "v100-fp16-cu128-torch2.8.0-py3.10"
 
 
 @pytest.mark.parametrize(

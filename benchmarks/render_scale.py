@@ -134,6 +134,19 @@ def in_process(matrix: Path, kb: knowledge.Knowledge, n: int, label: str) -> tup
         render.write(project, files)
 
     samples.append(time_call(f"{label}: write (empty images/)", write_fresh, n))
+    floor = images.parent / "fs-floor"
+
+    def raw_create() -> None:
+        # The filesystem's floor for the same tree: mkdir + one plain write per file, no
+        # compare, no temp file + rename.
+        shutil.rmtree(floor, ignore_errors=True)
+        for path, text in files.items():
+            target = floor / path.relative_to(images)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text, encoding="utf-8")
+
+    samples.append(time_call(f"{label}: fs floor (mkdir + write, no rename)", raw_create, n))
+    shutil.rmtree(floor, ignore_errors=True)
     samples.append(time_call(f"{label}: write (up to date)", lambda: render.write(project, files), n))
     return samples, len(files)
 

@@ -210,7 +210,7 @@ def _on_gpu(kb: Knowledge, config: MatrixConfig, target: TargetConfig, cell: Cel
         return cell
     try:
         again = check_and_plan(
-            kb, replace(target, sm=sm), cell.spec, dtype=cell.dtype, image=config.image, origin="doctor"
+            kb, replace(target, sm=sm), cell.spec, dtype=cell.dtype, origin="doctor"
         )
     except KnowledgeError:
         return None
@@ -287,9 +287,7 @@ def find_fallback(
                         spec = CellSpec(
                             target=target.name, cuda=cuda, torch=torch, python=python, flash_attn=fa
                         )
-                        cell = check_and_plan(
-                            kb, gpu_target, spec, dtype=None, image=config.image, origin="doctor"
-                        )
+                        cell = check_and_plan(kb, gpu_target, spec, dtype=None, origin="doctor")
                         if not cell.valid or cell.plan is None:
                             continue
                         need, _ = min_driver(cell)
@@ -303,7 +301,7 @@ def find_fallback(
                 same = built_keys[best.spec.key()]
                 return _choice(kb, config, same, best, built=True), None
             # Tags and labels for the target's real SM, as `explain` would print them.
-            planned = check_and_plan(kb, target, best.spec, dtype=None, image=config.image, origin="doctor")
+            planned = check_and_plan(kb, target, best.spec, dtype=None, origin="doctor")
             shown = finish(planned if planned.valid else best, image=config.image, recommended=False)
             return _choice(kb, config, shown, best, built=False), None
     return None, str(lowest) if lowest is not None else None

@@ -306,7 +306,7 @@ def _cuda_image(kb: Knowledge, cuda: str, flavour: str, distro: Distro) -> str:
 
 
 def check_and_plan(
-    kb: Knowledge, target: TargetConfig, spec: CellSpec, *, dtype: str | None, image: str, origin: str
+    kb: Knowledge, target: TargetConfig, spec: CellSpec, *, dtype: str | None, origin: str
 ) -> Cell:
     """Run every rule on one cell; return it valid with a plan, or invalid with all reasons."""
     reasons: list[Reason] = []
@@ -662,17 +662,15 @@ def resolve(config: MatrixConfig, kb: Knowledge) -> Resolution:
     for name, target in config.targets.items():
         ax = target.axes
         candidates: list[Cell] = []
-        seen: set[tuple[str, ...]] = set()
         for cuda, torch, python, fa in itertools.product(ax.cuda, ax.torch, ax.python, ax.flash_attn):
             spec = CellSpec(target=name, cuda=cuda, torch=torch, python=python, flash_attn=fa)
             if any(_matches(rule, spec) for rule in config.exclude):
                 continue
-            seen.add(spec.key())
-            cell = check_and_plan(kb, target, spec, dtype=None, image=config.image, origin="axes")
+            cell = check_and_plan(kb, target, spec, dtype=None, origin="axes")
             (candidates if cell.valid else excluded).append(cell)
         best: Cell | None = None
         if target.recommended is not None:
-            pin = check_and_plan(kb, target, target.recommended, dtype=None, image=config.image, origin="pin")
+            pin = check_and_plan(kb, target, target.recommended, dtype=None, origin="pin")
             if not pin.valid:
                 why = "; ".join(r.message for r in pin.reasons)
                 raise ConfigError(f"{config.path}: targets.{name}.recommended is invalid: {why}")
@@ -697,7 +695,7 @@ def resolve(config: MatrixConfig, kb: Knowledge) -> Resolution:
                 continue
             if inc.key() == best.spec.key():
                 continue
-            cell = check_and_plan(kb, target, inc, dtype=None, image=config.image, origin="include")
+            cell = check_and_plan(kb, target, inc, dtype=None, origin="include")
             if cell.valid:
                 valid.append(finish(cell, image=config.image, recommended=False))
             else:
@@ -720,7 +718,7 @@ def explain(
     base = resolve(config, kb).recommended(target.name).spec
     changes = {k: v for k, v in overrides.items() if v is not None}
     spec = replace(base, **changes)
-    cell = check_and_plan(kb, target, spec, dtype=dtype, image=config.image, origin="explain")
+    cell = check_and_plan(kb, target, spec, dtype=dtype, origin="explain")
     if not cell.valid:
         return cell
     is_rec = spec == base and (dtype is None or dtype == cell.dtype)

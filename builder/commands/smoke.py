@@ -348,8 +348,8 @@ def fmt_device(row: Mapping[str, Any]) -> str:
     return f"{device['kind']} ({name})" if name else str(device["kind"])
 
 
-def _per_model(row: Mapping[str, Any], fmt: Callable[[Mapping[str, Any]], str]) -> str:
-    return "; ".join(f"{r['model']} {fmt(r)}" for r in row["runs"]) or "-"
+def _per_model(row: Mapping[str, Any], fmt: Callable[[Mapping[str, Any]], str], sep: str = "; ") -> str:
+    return sep.join(f"{r['model']} {fmt(r)}" for r in row["runs"]) or "-"
 
 
 def fmt_tokens(run: Mapping[str, Any]) -> str:
@@ -489,8 +489,8 @@ def summary_table(report: Mapping[str, Any]) -> Any:
             result,
             escape(fmt_device(row)),
             f"{row['dtype'] or '-'} / {row['attention'] or '-'}",
-            escape(_per_model(row, fmt_tokens)),
-            escape(_per_model(row, fmt_losses)),
+            escape(_per_model(row, fmt_tokens, "\n")),
+            escape(_per_model(row, fmt_losses, "\n")),
             f"{row['wall_s']:.1f}s",
             escape(detail),
         )
@@ -571,13 +571,15 @@ def _command(
     engine_version = engine.check()
     check_built(engine, cells)
 
-    probe = hostprobe.probe_gpus(hostprobe.system_runner)
+    probe = hostprobe.probe_gpus(hostprobe.system_runner, hostprobe.import_pynvml)
 
     def sm_of(gpu: GpuInfo) -> int | None:
         return gpu.sm if gpu.sm is not None else doctor.sm_for_name(kb, cfg, gpu.name)
 
     plans = [plan_image(c, probe.gpus, cpu_only=cpu_only, sm_of=sm_of) for c in cells]
     console = Console(stderr=True, highlight=False)
+    if not console.is_terminal:  # CI logs: wide enough for the summary table
+        console = Console(stderr=True, highlight=False, width=150)
 
     def on_step(plan: ImagePlan, step: str, result: StepResult | None) -> None:
         if result is None:

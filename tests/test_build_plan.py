@@ -1,0 +1,257 @@
+"""Unit tier for build planning and orchestration, against a recording fake of the engine."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from builder import build, config, knowledge, resolve
+from builder.content import HASH_LABEL, content_hash
+from builder.engine import BuildOutcome, BuildRequest, DockerEngine, _summarise_error, split_ref
+from builder.errors import EngineError, RegistryError
+from builder.render import Project
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class FakeEngine:
+    """Records every call; images and a registry live in dicts."""
+
+    fail: set[str] = field(default_factory=set)
+    images: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)  # ref -> (id, labels)
+    registry: dict[str, str] = field(default_factory=dict)  # remote ref -> digest
+    digests: dict[str, list[str]] = field(default_factory=dict)  # image id -> repo digests
+    calls: list[tuple[str, ...]] = field(default_factory=list)
+
+    def check(self) -> str:
+        return "fake"
+
+    def build(self, req: BuildRequest, log: Path, on_step: Callable[[str], None]) -> BuildOutcome:
+        self.calls.append(("build", req.name))
+        on_step("[1/1] RUN something")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("log\n")
+        if req.name in self.fail:
+            return BuildOutcome(False, None, "[stage-0 4/8] RUN pip install", "no space left on device", log)
+        image_id = f"sha256:{req.name}-{req.labels[HASH_LABEL][:6]}"
+        self.images[image_id] = (image_id, dict(req.labels))
+        return BuildOutcome(True, image_id, None, None, log)
+
+    def image_labels(self, ref: str) -> Mapping[str, str] | None:
+        hit = self.images.get(ref)
+        return None if hit is None else hit[1]
+
+    def image_id(self, ref: str) -> str | None:
+        hit = self.images.get(ref)
+        return None if hit is None else hit[0]
+
+    def image_size(self, ref: str) -> int:
+        return 123
+
+    def repo_digests(self, ref: str) -> list[str]:
+        image_id = self.image_id(ref) or ref
+        return self.digests.get(image_id, [])
+
+    def tag(self, image_id: str, ref: str) -> None:
+        self.calls.append(("tag", ref))
+        self.images[ref] = self.images[image_id]
+
+    def push(self, ref: str) -> str:
+        self.calls.append(("push", ref))
+        image_id = self.images[ref][0]
+        digest = "sha256:" + image_id.split(":")[1]
+        self.registry[ref] = digest
+        repo = ref.rsplit(":", 1)[0]
+        self.digests.setdefault(image_id, []).append(f"{repo}@{digest}")
+        return digest
+
+    def pull(self, ref: str) -> str:
+        self.calls.append(("pull", ref))
+        image_id = "sha256:" + self.registry[ref].split(":", 1)[1]
+        self.images[ref] = (image_id, {})
+        return image_id
+
+    def remote_digest(self, ref: str) -> str | None:
+        return self.registry.get(ref)
+
+    def remove_image(self, ref: str) -> None:
+        self.images.pop(ref, None)
+
+
+def plan(project_root: Path = ROOT, options: build.BuildOptions | None = None) -> list[build.BuildJob]:
+    project = Project(project_root)
+    cfg = config.load(project.matrix)
+    kb = knowledge.load()
+    res = resolve.resolve(cfg, kb)
+    return build.plan_jobs(project, res, kb, res.cells, options or build.BuildOptions())
+
+
+@pytest.fixture
+def project(project_copy: Path) -> Project:
+    return Project(project_copy)
+
+
+def test_base_map_rules() -> None:
+    rules = build.parse_base_map(
+        ["nvidia/cuda:*=mirror.local/nvidia/cuda:*", "debian:bookworm-slim=local/deb:1"]
+    )
+    assert (
+        build.map_base("nvidia/cuda:12.6.3-base-ubuntu24.04", rules)
+        == "mirror.local/nvidia/cuda:12.6.3-base-ubuntu24.04"
+    )
+    assert build.map_base("debian:bookworm-slim", rules) == "local/deb:1"
+    assert build.map_base("python:3.11", rules) == "python:3.11"
+    with pytest.raises(Exception, match="PATTERN=REPLACEMENT"):
+        build.parse_base_map(["nvidia/cuda"])
+
+
+def test_plan_tags_and_hash() -> None:
+    jobs = {j.name: j for j in plan()}
+    v100 = jobs["v100-fp16"]
+    assert v100.tags[:2] == ("qwen-ft:v100-fp16", "qwen-ft:v100-fp16-cu126-torch2.13.0-py3.12")
+    assert v100.tags[2] == f"qwen-ft:v100-{v100.digest[:12]}"
+    assert v100.labels == {HASH_LABEL: v100.digest}
+    assert v100.build_args["BASE_IMAGE"] == "nvidia/cuda:12.6.3-base-ubuntu24.04"
+    text = (ROOT / "images" / "v100-fp16" / "Dockerfile").read_text()
+    assert v100.digest == content_hash(text, ROOT / "runtime", v100.build_args)
+    extra = jobs["v100-fp16-cu128-torch2.8.0-py3.10"]
+    assert len(extra.tags) == 2  # no alias for an extra image
+
+
+def test_base_map_changes_the_content_hash() -> None:
+    plain = {j.name: j.digest for j in plan()}
+    mapped = {
+        j.name: j.digest
+        for j in plan(options=build.BuildOptions(base_map=build.parse_base_map(["nvidia/cuda:*=m/cuda:*"])))
+    }
+    assert plain["cpu-fp32"] == mapped["cpu-fp32"]
+    assert plain["v100-fp16"] != mapped["v100-fp16"]
+
+
+def test_changing_one_target_changes_only_its_hash(project_copy: Path) -> None:
+    before = {j.name: j.digest for j in plan(project_copy)}
+    matrix = project_copy / "matrix.yaml"
+    matrix.write_text(
+        matrix.read_text().replace("  t4:\n    sm: 75\n", '  t4:\n    sm: 75\n    axes: {torch: ["2.8.0"]}\n')
+    )
+    after = {j.name: j.digest for j in plan(project_copy)}
+    changed = {name for name in before if before[name] != after.get(name)}
+    assert changed == {"t4-fp16"}
+
+
+def test_run_builds_then_skips_when_up_to_date(project: Project) -> None:
+    engine = FakeEngine()
+    jobs = plan(project.root)
+    results = build.run(project, jobs, engine, build.BuildOptions(jobs=3))
+    assert all(r.status == "built" for r in results)
+    assert sum(1 for c in engine.calls if c[0] == "build") == len(jobs)
+    for job in jobs:
+        ids = {engine.image_id(t) for t in job.tags}
+        assert len(ids) == 1, "alias, pinned and hash tag name one image"
+    engine.calls.clear()
+    again = build.run(project, jobs, engine, build.BuildOptions(jobs=3))
+    assert all(r.status == "up-to-date" for r in again)
+    assert engine.calls == [], "no build and no re-tag when nothing changed"
+
+
+def test_failure_does_not_tag_and_others_continue(project: Project) -> None:
+    jobs = [j for j in plan(project.root) if j.name in ("cpu-fp32", "v100-fp16")]
+    engine = FakeEngine(fail={"v100-fp16"})
+    old_id = "sha256:previous-good"
+    engine.images[old_id] = (old_id, {})
+    engine.images["qwen-ft:v100-fp16"] = (old_id, {})
+    results = {r.image: r for r in build.run(project, jobs, engine, build.BuildOptions())}
+    assert results["cpu-fp32"].status == "built"
+    failed = results["v100-fp16"]
+    assert failed.status == "failed"
+    assert failed.failed_step == "[stage-0 4/8] RUN pip install"
+    assert failed.error == "no space left on device"
+    assert failed.log is not None and failed.log.endswith("build/logs/v100-fp16.log")
+    assert engine.image_id("qwen-ft:v100-fp16") == old_id, "the previous good tag is untouched"
+
+
+def test_fail_fast_skips_the_rest(project: Project) -> None:
+    jobs = plan(project.root)
+    engine = FakeEngine(fail={jobs[0].name})
+    results = build.run(project, jobs, engine, build.BuildOptions(jobs=1, fail_fast=True))
+    assert results[0].status == "failed"
+    assert {r.status for r in results[1:]} == {"skipped"}
+
+
+def test_push_is_verified_and_pinned_tags_are_immutable(project: Project) -> None:
+    (job,) = [j for j in plan(project.root) if j.name == "cpu-fp32"]
+    engine = FakeEngine()
+    opts = build.BuildOptions(push=True, registry="127.0.0.1:5000/team")
+    (first,) = build.run(project, [job], engine, opts)
+    assert first.ok and len(first.pushed) == 3
+    assert ("pull", "127.0.0.1:5000/team/qwen-ft:cpu-fp32") in engine.calls
+    # Another image under the same pinned tag: refused, alias untouched in the registry.
+    engine.registry["127.0.0.1:5000/team/qwen-ft:cpu-fp32-torch2.13.0-py3.11"] = "sha256:someone-else"
+    engine.images.clear()
+    (second,) = build.run(project, [job], engine, opts)
+    assert second.status == "failed"
+    assert second.error is not None and "immutable" in second.error and "--force" in second.error
+    (forced,) = build.run(
+        project, [job], engine, build.BuildOptions(push=True, registry=opts.registry, force=True)
+    )
+    assert forced.ok
+
+
+def test_stage_context_links_wheels(project: Project, tmp_path: Path) -> None:
+    wheels = tmp_path / "wh"
+    wheels.mkdir()
+    (wheels / "torch-0-py3-none-any.whl").write_bytes(b"x")
+    ctx = build.stage_context(project, build.BuildOptions(wheelhouse=wheels))
+    assert (ctx / "wheelhouse" / "torch-0-py3-none-any.whl").read_bytes() == b"x"
+    assert (ctx / "runtime" / "qwen_ft_runtime" / "__init__.py").exists()
+    assert not list(ctx.rglob("__pycache__"))
+
+
+def test_error_summaries() -> None:
+    assert "disk full" in _summarise_error(["#9 0.1 write /x: no space left on device"])
+    assert "--base-map" in _summarise_error(
+        ["ERROR: failed to solve: failed to resolve source metadata for x"]
+    )
+    assert _summarise_error(["a", "ERROR: boom"]) == "ERROR: boom"
+    assert split_ref("127.0.0.1:5000/ns/qwen-ft:cpu-fp32") == ("127.0.0.1:5000/ns/qwen-ft", "cpu-fp32")
+    assert split_ref("127.0.0.1:5000/ns/qwen-ft") == ("127.0.0.1:5000/ns/qwen-ft", "latest")
+
+
+def test_redact_proxy_credentials() -> None:
+    assert build.redact("http://user:pw@proxy:3128") == "http://***@proxy:3128"
+    assert build.redact("http://proxy:3128") == "http://proxy:3128"
+
+
+class _OldClient:
+    def version(self) -> dict[str, str]:
+        return {"Version": "19.03.15"}
+
+
+def test_too_old_daemon_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QWEN_FT_DOCKER", sys.executable)  # any executable: only the SDK is asked
+    engine = DockerEngine()
+    engine._client = _OldClient()  # type: ignore[assignment]
+    with pytest.raises(EngineError, match=r"19\.03\.15 is too old: RUN --mount needs 20\.10\+"):
+        engine.check()
+
+
+def test_no_daemon_is_a_one_line_error(tmp_path: Path) -> None:
+    env = {**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/no.sock", "QWEN_FT_DOCKER": sys.executable}
+    proc = subprocess.run(
+        [sys.executable, "-m", "builder", "build", "cpu"], cwd=ROOT, capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 5, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no Docker daemon answers")
+    assert "start dockerd" in lines[0]
+
+
+def test_registry_error_is_typed() -> None:
+    assert RegistryError("x").exit_code == 7

@@ -131,7 +131,7 @@ _ERROR_HINTS: tuple[tuple[re.Pattern[str], str], ...] = (
     (
         re.compile(
             r"(failed to resolve source metadata|pull access denied|failed to do request|"
-            r"manifest unknown|failed to authorize).*",
+            r"manifest unknown|failed to authorize|failed to create LLB definition).*",
             re.I,
         ),
         "base image unreachable: mirror it and pass --base-map 'PATTERN=MIRROR' (or docker load it)",
@@ -491,8 +491,9 @@ def _terminate(proc: subprocess.Popen[str]) -> None:
 def _summarise_error(tail: list[str]) -> str:
     text = "\n".join(tail)
     for pattern, hint in _ERROR_HINTS:
-        if pattern.search(text):
-            return hint
+        found = pattern.search(text)
+        if found:
+            return f"{hint} ({found.group(0).strip()[:200]})"
     for line in reversed(tail):
         if line.startswith(("ERROR", "error:", "failed to solve")) or "ERROR:" in line:
             return line.strip()[:300]

@@ -103,7 +103,7 @@ def table(samples: Sequence[Sample], *, baseline: Sample | None = None, ratio_la
     for s in samples:
         row = [s.name, str(s.n), fmt_seconds(s.median), fmt_seconds(s.min), fmt_seconds(s.max)]
         if baseline is not None:
-            row.append(f"{s.median / baseline.median:.2f}×")
+            row.append(f"{s.median / baseline.median:.2f}x")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 

@@ -87,7 +87,7 @@ def main() -> None:
     if shim:
         print(f"- on PATH: `{on_path}` (a wrapper, e.g. a pyenv shim; timed separately)")
     print()
-    print(table(samples, baseline=floor, ratio_label="× floor"))
+    print(table(samples, baseline=floor, ratio_label="x floor"))
     print()
     explain = samples[2]
     verdict = "met" if explain.median < TARGET_S else "MISSED"
@@ -97,7 +97,7 @@ def main() -> None:
     )
     print()
     rows = importtime([script, "explain", "v100", "--json"], runs=5)
-    print(f"Top {args.top} imports of `explain v100 --json` by cumulative `-X importtime` (median of 5 runs):")
+    print(f"Top {args.top} imports of `explain v100 --json` by cumulative `-X importtime` (median of 5):")
     print()
     print("| module | cumulative | self |")
     print("|---|---|---|")

@@ -71,7 +71,7 @@ def synthetic_matrix(kb: knowledge.Knowledge, cells: int) -> tuple[dict[str, obj
         valid = []
         for cuda, torch, python, fa in combos:
             spec = CellSpec(target=target.name, cuda=cuda, torch=torch, python=python, flash_attn=fa)
-            cell = resolve.check_and_plan(kb, target, spec, dtype=None, image="x", origin="include")
+            cell = resolve.check_and_plan(kb, target, spec, dtype=None, origin="include")
             if cell.valid:
                 valid.append({"cuda": cuda, "torch": torch, "python": python, "flash_attn": fa})
         if valid:
@@ -211,7 +211,7 @@ def main() -> None:
         print()
         print("CLI end to end (`qwen-ft-images --matrix M render`), interpreter start-up included:")
         print()
-        print(table(cli_ref + cli_big, baseline=cli_ref[1], ratio_label="× project"))
+        print(table(cli_ref + cli_big, baseline=cli_ref[1], ratio_label="x project"))
         print()
         core = big_samples[3]
         ratio = core.median / ref_samples[3].median
@@ -219,7 +219,7 @@ def main() -> None:
         verdict = "met" if core.median < TARGET_S else "MISSED"
         print(
             f"load + resolve + render_all of {count} includes: median {fmt_seconds(core.median)} "
-            f"({fmt_seconds(per_image)} per image, {ratio:.0f}× the project matrix) against a "
+            f"({fmt_seconds(per_image)} per image, {ratio:.0f}x the project matrix) against a "
             f"{fmt_seconds(TARGET_S)} target: {verdict}; the CLI end to end (up to date) "
             f"{fmt_seconds(cli_big[1].median)}."
         )

@@ -209,9 +209,7 @@ def _on_gpu(kb: Knowledge, config: MatrixConfig, target: TargetConfig, cell: Cel
     if cell.sm == sm:
         return cell
     try:
-        again = check_and_plan(
-            kb, replace(target, sm=sm), cell.spec, dtype=cell.dtype, origin="doctor"
-        )
+        again = check_and_plan(kb, replace(target, sm=sm), cell.spec, dtype=cell.dtype, origin="doctor")
     except KnowledgeError:
         return None
     return again if again.valid else None

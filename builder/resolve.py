@@ -735,6 +735,12 @@ def find_target(config: MatrixConfig, name: str) -> TargetConfig:
     raise ConfigError(f"unknown target '{name}'{hint} (targets: {', '.join(config.targets)})")
 
 
+def _names(cell: Cell) -> tuple[str, ...]:
+    """What a selector can match: the alias only names its target's recommended image."""
+    alias = (cell.alias,) if cell.recommended else ()
+    return (cell.spec.target, *alias, cell.id, cell.pinned)
+
+
 def select(resolution: Resolution, selectors: Iterable[str]) -> tuple[Cell, ...]:
     """Cells whose target, alias, id or pinned tag matches any selector (globs allowed)."""
     selectors = list(selectors)
@@ -745,7 +751,7 @@ def select(resolution: Resolution, selectors: Iterable[str]) -> tuple[Cell, ...]
         hits = [
             c
             for c in resolution.cells
-            if any(fnmatch.fnmatchcase(n, sel) for n in (c.spec.target, c.alias, c.id, c.pinned))
+            if any(fnmatch.fnmatchcase(n, sel) for n in _names(c))
         ]
         if not hits:
             names = sorted({c.spec.target for c in resolution.cells} | {c.id for c in resolution.cells})

@@ -272,6 +272,7 @@ def test_selectors(kb: Knowledge, matrix: MatrixConfig) -> None:
     assert {c.spec.target for c in resolve.select(res, ["v100"])} == {"v100"}
     assert len(resolve.select(res, ["v100"])) == 2  # recommended + the pinned extra
     assert [c.id for c in resolve.select(res, ["a10*-bf16"])] == ["a100-bf16", "a10-bf16"]
+    assert [c.id for c in resolve.select(res, ["v100-fp16"])] == ["v100-fp16"]  # the alias names one image
     with pytest.raises(ConfigError, match="selector 'x100' matches no image; valid: "):
         resolve.select(res, ["x100"])
 

@@ -137,6 +137,20 @@ def check_device(plan: Plan, capability: tuple[int, int] | None) -> list[Check]:
     return [device_sm, device_bf16]
 
 
+def compiled_arch_list() -> list[str]:
+    """The arch flags torch was compiled with, GPU or not.
+
+    torch.cuda.get_arch_list() returns [] whenever no GPU is visible (it checks
+    is_available() first), which is every build host and CI runner; the flags it would
+    return are compiled into torch._C, so read them there. CPU builds lack the function.
+    """
+    import torch
+
+    flags = getattr(torch._C, "_cuda_getArchFlags", None)
+    text = flags() if callable(flags) else None
+    return str(text).split() if text else []
+
+
 def run_contract(plan: Plan) -> tuple[dict[str, Any], bool]:
     import torch
 
@@ -145,7 +159,7 @@ def run_contract(plan: Plan) -> tuple[dict[str, Any], bool]:
     checks = [
         check_torch_version(plan, torch.__version__),
         check_torch_cuda(plan, torch.version.cuda),
-        check_arch_list(plan, list(torch.cuda.get_arch_list())),
+        check_arch_list(plan, compiled_arch_list()),
         check_triton(plan),
         check_flash_attn(plan),
         check_plan_precision(plan),

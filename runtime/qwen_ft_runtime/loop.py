@@ -61,6 +61,9 @@ class RunResult:
     start_step: int = 0
     first_step_end: float | None = None  # perf_counter() when the first step finished
     loss_scale: float | None = None
+    # Bytes of weights + gradients + optimizer state once training ran: exact on any device,
+    # unlike a CPU process's peak RSS, which the torch import alone dwarfs on small models.
+    train_state_bytes: int | None = None
 
     @property
     def step_time_s(self) -> float | None:
@@ -180,7 +183,28 @@ def train_loop(
         if config.save_every and config.output and (step + 1) % config.save_every == 0:
             save_checkpoint(config.output, step + 1, model, optimizer, scaler, config)
     result.loss_scale = float(scaler.get_scale()) if scaler.is_enabled() else None
+    result.train_state_bytes = train_state_bytes(model, optimizer)
     return result
+
+
+def train_state_bytes(model: Any, optimizer: torch.optim.Optimizer) -> int:
+    """Weights (all), one gradient per trainable weight (its own dtype) and every optimizer
+    state tensor (AdamW: two moments and a step count per trainable weight).
+
+    Gradients are counted from the trainable weights because each step frees them
+    (`zero_grad(set_to_none=True)`); during the step they existed at exactly that size.
+    """
+
+    def size(tensor: torch.Tensor) -> int:
+        return tensor.numel() * tensor.element_size()
+
+    params = list(model.parameters())
+    weights = sum(size(p) for p in params)
+    grads = sum(size(p) for p in params if p.requires_grad)
+    state = sum(
+        size(value) for entry in optimizer.state.values() for value in entry.values() if torch.is_tensor(value)
+    )
+    return weights + grads + state
 
 
 def _log_progress(

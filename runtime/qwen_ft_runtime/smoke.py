@@ -44,6 +44,7 @@ RUN_KEYS = (
     "tokens_per_s",
     "peak_mem_bytes",
     "peak_mem_kind",
+    "train_state_bytes",
     "loss_scale",
     "skipped_steps",
 )
@@ -257,6 +258,7 @@ def _smoke_one(
         tokens_per_s=_round(result.tokens_per_s, 1),
         peak_mem_bytes=peak,
         peak_mem_kind=kind,
+        train_state_bytes=result.train_state_bytes,
         loss_scale=result.loss_scale,
         skipped_steps=result.skipped_steps,
     )

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from qwen_ft_runtime.loop import LoopConfig, lr_at, make_scaler, optimizer_step
+from qwen_ft_runtime.loop import LoopConfig, lr_at, make_scaler, optimizer_step, train_state_bytes
 from qwen_ft_runtime.smoke import loss_decreased
 
 pytestmark = pytest.mark.torch
@@ -80,3 +80,15 @@ def test_pass_rule_is_last_quarter_mean_below_first_loss() -> None:
     assert loss_decreased([6.0, 5.9, 5.8, 5.7, 5.6, 5.5, 5.4, 5.3])
     assert not loss_decreased([6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 6.5, 6.0])  # mean(6.5, 6.0) > 6.0
     assert not loss_decreased([6.0])
+
+
+def test_train_state_bytes_counts_weights_grads_and_adamw_state() -> None:
+    # Linear(3, 4): 12 + 4 fp32 weights. Trainable: weights 64 B, gradients 64 B, AdamW's two
+    # moments 128 B and one fp32 step scalar per tensor 8 B. A frozen fp16 tensor adds only itself.
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4))
+    frozen = torch.nn.Parameter(torch.zeros(10, dtype=torch.float16), requires_grad=False)
+    model.register_parameter("frozen", frozen)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(torch.ones(2, 3)).sum().backward()
+    optimizer.step()
+    assert train_state_bytes(model, optimizer) == 64 + 64 + 128 + 8 + 20

@@ -21,6 +21,7 @@ RUN_KEYS = {
     "tokens_per_s",
     "peak_mem_bytes",
     "peak_mem_kind",
+    "train_state_bytes",
     "trainable_params",
     "total_params",
     "loss_scale",
@@ -89,6 +90,8 @@ def test_full_method_trains_every_parameter(capsys: pytest.CaptureFixture[str]) 
     assert code == 0, report["checks"]
     (run,) = report["runs"]
     assert run["trainable_params"] == run["total_params"]
+    # fp32 weights + gradients + two AdamW moments: at least 16 bytes per parameter.
+    assert run["train_state_bytes"] >= 16 * run["total_params"]
 
 
 def test_smoke_on_a_saved_checkpoint(capsys: pytest.CaptureFixture[str], tiny_checkpoint: Path) -> None:

@@ -130,6 +130,7 @@ class Bench:
 
     # -- (a) no-op rebuild ----------------------------------------------------------------
     def noop(self) -> str:
+        head = header("Build (a): no-op rebuild of the cpu image")
         n = self.args.n_noop
         project = self.project("noop", BENCH_IMAGE)
         _, images = self.build(project, "cpu")  # first: builds (from cache) or finds it up to date
@@ -200,7 +201,7 @@ class Bench:
         )
         sdk1 = time_call("SDK inspect_image x 1", lambda: api.inspect_image(tags[0]), n)
         lines = [
-            header("Build (a): no-op rebuild of the cpu image"),
+            head,
             f"- image: `{tags[0]}` ({len(tags)} tags: {', '.join(f'`{t}`' for t in tags)})",
             "",
             "End to end, each a fresh process:",
@@ -244,6 +245,7 @@ class Bench:
         return project
 
     def cold(self) -> str:
+        head = header("Build (b): cold vs warm build of the cpu image")
         nonce = uuid.uuid4().hex[:12]
         fresh = self.cold_project("cold-fresh", nonce + "a", fresh_mounts=True)
         wall, images = self.build(fresh, "cpu")
@@ -272,7 +274,7 @@ class Bench:
         cli_rows = [Sample(c[0], (c[1],)) for c in (cold, cold_shared)]
         step_rows = [Sample(c[0], (c[2],)) for c in (cold, cold_shared)]
         lines = [
-            header("Build (b): cold vs warm build of the cpu image"),
+            head,
             "- cold: a project copy whose template has a fresh `ENV` right after `FROM`, so no layer "
             "cache applies (n=1 each). *Empty caches*: its cache mounts get ids of their own, so apt "
             "and pip download everything (torch comes from the wheelhouse, as in every build here); "
@@ -297,6 +299,7 @@ class Bench:
 
     # -- (c) disk --------------------------------------------------------------------------
     def disk(self) -> str:
+        head = header("Build (c): disk shared between images")
         import docker
 
         variant = (
@@ -338,12 +341,12 @@ class Bench:
         total = size[a] + size[b]
         distinct = shared + own_a + own_b
         lines = [
-            header("Build (c): disk shared between images"),
+            head,
             f"- images: `{refs[a]}` and `{refs[b]}`, a second cpu target whose Dockerfile differs from "
             "the cpu one from the `ENV QWEN_FT_*` block on (target name in ENV and labels); "
             f"they share the first {common} of {len(layers[a])} / {len(layers[b])} layers (RootFS chain)",
             f"- engine: all image layers {df['LayersSize'] / 1e9:.3f} GB, build cache "
-            f"{sum(int(c.get('Size', 0)) for c in df.get('BuildCache') or []) / 1e9:.3f} GB",
+            f"{int(df.get('BuilderSize') or 0) / 1e9:.3f} GB",
             "",
             "`docker system df -v`, the two images (shared: bytes in layers some other image on this "
             "engine also uses, here the project's own qwen-ft:cpu images too):",
@@ -390,7 +393,7 @@ class Bench:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("parts", nargs="*", choices=["noop", "cold", "disk"], help="default: all three")
+    parser.add_argument("parts", nargs="*", metavar="{noop,cold,disk}", help="default: all three")
     default_docker = os.environ.get("QWEN_FT_DOCKER") or shutil.which("docker") or "docker"
     parser.add_argument("--docker", default=default_docker)
     parser.add_argument("--base-map", action="append", default=None, help=f"default: {DEFAULT_BASE_MAP}")
@@ -402,6 +405,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.base_map = args.base_map or [DEFAULT_BASE_MAP]
     parts = args.parts or ["noop", "cold", "disk"]
+    unknown = [p for p in parts if p not in ("noop", "cold", "disk")]
+    if unknown:
+        parser.error(f"unknown part(s) {', '.join(unknown)}: choose from noop, cold, disk")
     if not args.wheelhouse.is_dir() or not list(args.wheelhouse.glob("torch-*.whl")):
         src = Path("/opt/wheels") / TORCH_WHEEL
         if args.wheelhouse == Path("/tmp/wh") and src.is_file():

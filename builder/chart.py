@@ -53,6 +53,7 @@ def plot(report: Mapping[str, Any], path: Path) -> Chart:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     combos: list[Mapping[str, Any]] = list(report["combinations"])
     fig = plt.figure(figsize=(WIDTH_IN, HEIGHT_IN), dpi=DPI)
@@ -81,6 +82,7 @@ def plot(report: Mapping[str, Any], path: Path) -> Chart:
             )
             series.append(label)
         loss_ax.set_xlabel("step")
+        loss_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         loss_ax.set_ylabel("training loss")
         hw = report.get("hardware") or {}
         title = f"{report.get('name')}: {report.get('model')} on {hw.get('device', '?')}"

@@ -638,11 +638,12 @@ def render_markdown(report: Mapping[str, Any], chart: str | None) -> str:
     combos: list[dict[str, Any]] = report["combinations"]
     limit = report["deviation_limit"]
     hw = report["hardware"]
-    where = f"image `{report['image']}`" if report.get("image") else "this host's python (`--native`)"
+    where = f"Image `{report['image']}`" if report.get("image") else "This host's python (`--native`)"
+    note = f" ({hw['note']})" if hw.get("note") else ""
     lines = [
         f"# compare: {report['name']}",
         "",
-        f"{where} on {hw['description']} ({hw['device']}{'; ' + hw['note'] if hw.get('note') else ''}). "
+        f"{where} on {hw['description']}{note}. "
         f"Model {report['model']}, {report['steps']} steps, seed {report['seed']}: the same data and "
         "initial weights for every combination, one runtime process each.",
         "",

@@ -312,6 +312,11 @@ class DockerEngine:
         data = self._inspect(ref)
         return [] if data is None else list(data.get("RepoDigests") or [])
 
+    def image_architecture(self, ref: str) -> str | None:
+        """The image's CPU architecture as Docker names it (amd64, arm64), or None if absent."""
+        data = self._inspect(ref)
+        return None if data is None else str(data.get("Architecture") or "") or None
+
     def tag(self, image_id: str, ref: str) -> None:
         repo, tag = split_ref(ref)
         self.commands.record([self.exe, "tag", image_id, ref])

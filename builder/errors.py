@@ -59,6 +59,12 @@ class SmokeFailed(FatalError):
     exit_code = 8
 
 
+class AuditFailed(FatalError):
+    """A CUDA binary in an image has no kernels its target GPU can run (`audit`)."""
+
+    exit_code = 9
+
+
 class Interrupted(FatalError):
     """The run was interrupted (Ctrl-C) and cleaned up."""
 

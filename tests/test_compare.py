@@ -39,6 +39,7 @@ def png_size(path: Path) -> tuple[int, int]:
 
 
 def copy_project(dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
     for name in ("matrix.yaml", "templates", "images", "runtime"):
         src = ROOT / name
         if src.is_dir():
@@ -401,7 +402,7 @@ def test_full_mode_trains_more_parameters_and_needs_more_memory_than_lora(
 def test_same_seed_repeats_the_curve_and_another_seed_changes_it(
     native_run: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path
 ) -> None:
-    project, proc = native_run
+    project, _ = native_run
     first = combo(load_report(project), "fp32/lora")["losses"]
     again_project = copy_project(tmp_path / "again")
     again = compare(again_project, "cpu", "--native", "--dtypes", "fp32", "--methods", "lora", "--steps", "2")

@@ -202,7 +202,10 @@ def train_state_bytes(model: Any, optimizer: torch.optim.Optimizer) -> int:
     weights = sum(size(p) for p in params)
     grads = sum(size(p) for p in params if p.requires_grad)
     state = sum(
-        size(value) for entry in optimizer.state.values() for value in entry.values() if torch.is_tensor(value)
+        size(value)
+        for entry in optimizer.state.values()
+        for value in entry.values()
+        if torch.is_tensor(value)
     )
     return weights + grads + state
 

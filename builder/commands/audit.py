@@ -1,0 +1,205 @@
+"""`qwen-ft-images audit`: which SASS and PTX every CUDA binary in an image carries, and a verdict.
+
+The work is in builder/audit.py (`audit_image`, also called by `smoke`); this module is the
+command line: select images, run the audit on each, print a table, write
+build/reports/audit.json, exit 9 when a binary has no code the target GPU can run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from builder.errors import AuditFailed, ConfigError, Interrupted
+
+if TYPE_CHECKING:
+    from builder.audit import AuditResult
+    from builder.cli import Context
+
+
+@click.command("audit")
+@click.argument("selectors", nargs=-1)
+@click.option(
+    "--image",
+    "refs",
+    multiple=True,
+    metavar="REF",
+    help="Also audit this image reference (e.g. a content-hash tag); repeatable.",
+)
+@click.option("--sm", help="Judge against this SM (70, sm_70 or 7.0) instead of the io.qwen-ft.sm label.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report (audit.json) on stdout.")
+@click.option(
+    "--wheelhouse",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder holding the nvidia_cuda_cuobjdump wheel (offline use).",
+)
+@click.option(
+    "--cuobjdump",
+    "cuobjdump_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="A cuobjdump binary to use (built for the image's CPU architecture, glibc-linked).",
+)
+@click.option(
+    "--timeout",
+    type=float,
+    default=900.0,
+    show_default=True,
+    help="Seconds per image; then the container is killed and removed.",
+)
+@click.option("--all-binaries", is_flag=True, help="List every binary, not only failures, in the table.")
+@click.option("--docker", "docker_exe", envvar="QWEN_FT_DOCKER", help="docker executable (default: docker).")
+@click.pass_obj
+def command(
+    obj: Context,
+    selectors: tuple[str, ...],
+    refs: tuple[str, ...],
+    sm: str | None,
+    as_json: bool,
+    wheelhouse: Path | None,
+    cuobjdump_path: Path | None,
+    timeout: float,
+    all_binaries: bool,
+    docker_exe: str | None,
+) -> None:
+    """Audit the kernels of the selected built images (none selected: all; --image adds refs).
+
+    For each binary with device code (torch's libraries, the nvidia-* wheels, flash-attn's
+    extension, ...) lists its SASS and PTX with NVIDIA's cuobjdump, run in a throwaway
+    container of the image, and fails the binary if the image's target GPU can neither run
+    its SASS nor JIT its PTX. Exits 9 when a binary fails, 2 for an image this tool did not
+    build (without --sm) or when cuobjdump cannot be had.
+    """
+    try:
+        _command(
+            obj, selectors, refs, sm, as_json, wheelhouse, cuobjdump_path, timeout, all_binaries, docker_exe
+        )
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted: the audit container was removed; no audit report written") from None
+
+
+def _command(
+    obj: Context,
+    selectors: tuple[str, ...],
+    refs: tuple[str, ...],
+    sm: str | None,
+    as_json: bool,
+    wheelhouse: Path | None,
+    cuobjdump_path: Path | None,
+    timeout: float,
+    all_binaries: bool,
+    docker_exe: str | None,
+) -> None:
+    from rich.console import Console
+
+    from builder import audit, resolve
+    from builder.engine import CommandLog, DockerEngine
+
+    if timeout <= 0:
+        raise ConfigError("--timeout must be positive")
+    if sm is not None:
+        audit.parse_sm(sm)  # a bad --sm fails before anything starts
+    targets: list[tuple[str, str]] = []  # (name, ref)
+    project = obj.project
+    if selectors or not refs:
+        _, _, res = obj.load()
+        for cell in resolve.select(res, selectors):
+            assert cell.plan is not None
+            targets.append((cell.id, cell.plan.tags[0]))
+    targets += [(ref, ref) for ref in refs]
+    engine = DockerEngine(docker_exe, CommandLog(project.build / "logs" / "commands.sh"))
+    # Not engine.check(): that also insists on BuildKit, which running a container does not need.
+    engine_version = str(engine.client.version().get("Version", "unknown"))
+    missing = [ref for _, ref in targets if engine.image_labels(ref) is None]
+    if missing:
+        names = " ".join(name for name, ref in targets if ref in missing and name != ref)
+        hint = f"; run qwen-ft-images build {names}" if names else ""
+        raise ConfigError(f"not built: {', '.join(missing)}{hint}")
+    console = Console(stderr=True, highlight=False)
+    if not console.is_terminal:
+        console = Console(stderr=True, highlight=False, width=150)
+    started = time.time()
+    labels = {audit.RUN_LABEL: uuid.uuid4().hex[:12]}
+    results: list[AuditResult] = []
+    for name, ref in targets:
+        console.print(f"{name}: auditing {ref} …", markup=False)
+        result = audit.audit_image(
+            engine,
+            ref,
+            sm,
+            name=name,
+            cache_dir=project.build / "cache" / "audit",
+            wheelhouse=wheelhouse,
+            cuobjdump=cuobjdump_path,
+            timeout=timeout,
+            labels=labels,
+        )
+        results.append(result)
+        console.print(summary_line(result), markup=False)
+    meta = {"command": "audit", "started": started, "seconds": round(time.time() - started, 2)}
+    report = audit.report_json(results, {**meta, "engine": engine_version})
+    path = audit.write_report(project.build, report)
+    for result in results:
+        if result.binaries and (all_binaries or not result.ok):
+            console.print(table(result, only_failures=not all_binaries))
+    console.print(f"report: {_rel(path, project.root)}", markup=False)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    failed = [r for r in results if not r.ok]
+    if failed:
+        lines = [line for r in failed for line in audit.failure_lines(r)]
+        more = f" (+{len(lines) - 3} more)" if len(lines) > 3 else ""
+        count = sum(len(r.failures) for r in failed)
+        raise AuditFailed(
+            f"{count} {'binary lacks' if count == 1 else 'binaries lack'} kernels for the target GPU: "
+            + "; ".join(lines[:3])
+            + more
+        )
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def summary_line(result: AuditResult) -> str:
+    if result.sm is None:
+        return f"{result.image}: skipped ({result.note})"
+    verdict = "ok" if result.ok else f"FAILED ({len(result.failures)} binaries)"
+    waived = sum(1 for b in result.binaries if b.status == "waived")
+    extra = f", {waived} waived" if waived else ""
+    return (
+        f"{result.image}: sm_{result.sm} ({result.sm_source}) {verdict}: {len(result.binaries)} binaries "
+        f"with device code of {result.shared_objects} shared objects{extra}; {result.seconds:.1f} s"
+    )
+
+
+def table(result: AuditResult, *, only_failures: bool) -> Any:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from builder.audit import arch_summary
+
+    rows = result.failures if only_failures else list(result.binaries)
+    t = Table(title=f"{result.image} against sm_{result.sm}", header_style="bold")
+    for col in ("binary", "package", "SASS", "PTX", "verdict"):
+        t.add_column(col, overflow="fold")
+    for b in rows:
+        style = {"ok": "green", "waived": "yellow"}.get(b.status, "bold red")
+        verdict = b.via if b.status == "ok" and b.via else b.detail
+        if b.status == "waived":  # the full reason and source are in audit.json
+            verdict = f"{b.waiver}: {b.detail.split('waived (', 1)[-1].split('. ')[0]}"
+        t.add_row(
+            escape(b.short_path),
+            escape(b.dist or "-"),
+            arch_summary(b.listing.sass),
+            arch_summary(b.listing.ptx, ptx=True),
+            f"[{style}]{escape(b.status)}[/]: {escape(verdict or '')}",
+        )
+    return t

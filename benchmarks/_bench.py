@@ -46,12 +46,23 @@ class Sample:
         return max(self.times)
 
 
-def time_call(name: str, fn: Callable[[], object], n: int, *, warmup: int = 1) -> Sample:
-    """Time fn() n times (after `warmup` untimed calls) with a monotonic clock."""
+def time_call(
+    name: str,
+    fn: Callable[[], object],
+    n: int,
+    *,
+    warmup: int = 1,
+    setup: Callable[[], object] | None = None,
+) -> Sample:
+    """Time fn() n times (after `warmup` untimed calls); setup(), if given, runs untimed before each."""
     for _ in range(warmup):
+        if setup is not None:
+            setup()
         fn()
     times = []
     for _ in range(n):
+        if setup is not None:
+            setup()
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)

@@ -72,6 +72,23 @@ BUILD_IMPORTS = (
 TORCH_WHEEL = "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
 
 
+def downloads(log: str) -> dict[str, int]:
+    """How much a build log fetched: apt `Get:` lines, pip `Downloading` and `Using cached` lines."""
+    return {
+        "apt": len(re.findall(r"^#\d+ [\d.]+ Get:\d+ ", log, re.M)),
+        "pip": len(re.findall(r"^#\d+ [\d.]+ +Downloading ", log, re.M)),
+        "cached": len(re.findall(r"^#\d+ [\d.]+ +Using cached ", log, re.M)),
+    }
+
+
+def steps_of(log: str) -> tuple[list[str], int]:
+    """(the Dockerfile steps a build ran, short; how many were CACHED) from a --progress=plain log."""
+    steps = dict(re.findall(r"^#(\d+) (\[(?:stage-\d+ )?\d+/\d+\] \S+)", log, re.M))
+    cached = set(re.findall(r"^#(\d+) CACHED", log, re.M))
+    ran = [text for sid, text in steps.items() if sid not in cached and not text.endswith("FROM")]
+    return ran, len(cached & set(steps))
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
         self.args = args
@@ -250,10 +267,14 @@ class Bench:
         fresh = self.cold_project("cold-fresh", nonce + "a", fresh_mounts=True)
         wall, images = self.build(fresh, "cpu")
         assert images[0]["status"] == "built", images[0]
+        fetched = {
+            "empty": downloads((fresh / "build" / "logs" / "cpu-fp32.log").read_text(errors="replace"))
+        }
         cold = ("cold: every layer, empty apt/pip caches", wall, float(images[0]["seconds"]))  # type: ignore[arg-type]
         shared = self.cold_project("cold-shared", nonce + "b", fresh_mounts=False)
         wall, images = self.build(shared, "cpu")
         assert images[0]["status"] == "built", images[0]
+        fetched["warm"] = downloads((shared / "build" / "logs" / "cpu-fp32.log").read_text(errors="replace"))
         cold_shared = ("cold: every layer, warm apt/pip caches", wall, float(images[0]["seconds"]))  # type: ignore[arg-type]
         marker = fresh / "runtime" / "qwen_ft_runtime" / "__init__.py"
         original = marker.read_text(encoding="utf-8")
@@ -265,9 +286,7 @@ class Bench:
             assert images[0]["status"] == "built", images[0]
             walls.append(wall)
             engine_s.append(float(images[0]["seconds"]))  # type: ignore[arg-type]
-        log = (fresh / "build" / "logs" / "cpu-fp32.log").read_text(errors="replace")
-        steps = len(set(re.findall(r"^#(\d+) \[(?:stage-\d+ )?\d+/\d+\]", log, re.M)))
-        cached = log.count(" CACHED")
+        ran, cached = steps_of((fresh / "build" / "logs" / "cpu-fp32.log").read_text(errors="replace"))
         warm_name = "warm: runtime/ edited"
         warm = Sample(warm_name, tuple(walls))
         warm_engine = Sample(warm_name, tuple(engine_s))
@@ -279,8 +298,15 @@ class Bench:
             "cache applies (n=1 each). *Empty caches*: its cache mounts get ids of their own, so apt "
             "and pip download everything (torch comes from the wheelhouse, as in every build here); "
             "*warm caches*: the usual cache mounts, already filled by earlier builds on this engine",
-            f"- warm: one line appended to runtime/qwen_ft_runtime/__init__.py before each build; "
-            f"the last warm log: {steps} Dockerfile steps, {cached} CACHED",
+            "- what the cold logs fetched (apt `Get:` lines, pip `Downloading` lines, pip `Using cached` "
+            "lines): "
+            + "; ".join(
+                f"{k} caches: apt {v['apt']}, pip downloads {v['pip']}, pip from cache {v['cached']}"
+                for k, v in fetched.items()
+            ),
+            "- warm: one line appended to runtime/qwen_ft_runtime/__init__.py before each build; "
+            f"the last warm build ran {', '.join(f'`{r}`' for r in ran) or 'nothing'} and found "
+            f"{cached} steps CACHED",
             "",
             "CLI wall time (interpreter start-up, engine check, staging and tagging included):",
             "",

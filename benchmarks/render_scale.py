@@ -19,6 +19,7 @@ import argparse
 import cProfile
 import io
 import itertools
+import os
 import pstats
 import shutil
 import subprocess
@@ -129,23 +130,31 @@ def in_process(matrix: Path, kb: knowledge.Knowledge, n: int, label: str) -> tup
     ]
     images = project.images
 
-    def write_fresh() -> None:
+    def empty() -> None:
         shutil.rmtree(images, ignore_errors=True)
-        render.write(project, files)
+        os.sync()  # the removal's writeback must not land in the timed write
 
-    samples.append(time_call(f"{label}: write (empty images/)", write_fresh, n))
+    samples.append(
+        time_call(f"{label}: write (empty images/)", lambda: render.write(project, files), n, setup=empty)
+    )
     floor = images.parent / "fs-floor"
 
     def raw_create() -> None:
         # The filesystem's floor for the same tree: mkdir + one plain write per file, no
         # compare, no temp file + rename.
-        shutil.rmtree(floor, ignore_errors=True)
         for path, text in files.items():
             target = floor / path.relative_to(images)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text, encoding="utf-8")
 
-    samples.append(time_call(f"{label}: fs floor (mkdir + write, no rename)", raw_create, n))
+    samples.append(
+        time_call(
+            f"{label}: fs floor (mkdir + write, no rename)",
+            raw_create,
+            n,
+            setup=lambda: (shutil.rmtree(floor, ignore_errors=True), os.sync()),
+        )
+    )
     shutil.rmtree(floor, ignore_errors=True)
     samples.append(time_call(f"{label}: write (up to date)", lambda: render.write(project, files), n))
     return samples, len(files)
@@ -162,12 +171,13 @@ def cli_times(matrix: Path, n: int, label: str) -> list[Sample]:
         if proc.returncode != 0:
             raise SystemExit(f"{' '.join(args)} failed: {proc.stderr[-2000:]}")
 
-    def fresh() -> None:
-        shutil.rmtree(images, ignore_errors=True)
-        run("render")
-
     return [
-        time_call(f"{label}: CLI render (empty images/)", fresh, n),
+        time_call(
+            f"{label}: CLI render (empty images/)",
+            lambda: run("render"),
+            n,
+            setup=lambda: (shutil.rmtree(images, ignore_errors=True), os.sync()),
+        ),
         time_call(f"{label}: CLI render (up to date)", lambda: run("render"), n),
         time_call(f"{label}: CLI render --check", lambda: run("render", "--check"), n),
     ]

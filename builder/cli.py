@@ -54,6 +54,7 @@ LAZY_COMMANDS = {
     "smoke": "builder.commands.smoke",
     "compare": "builder.commands.compare",
     "audit": "builder.commands.audit",
+    "report": "builder.commands.report",
 }
 
 

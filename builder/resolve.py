@@ -748,11 +748,7 @@ def select(resolution: Resolution, selectors: Iterable[str]) -> tuple[Cell, ...]
         return resolution.cells
     chosen: list[Cell] = []
     for sel in selectors:
-        hits = [
-            c
-            for c in resolution.cells
-            if any(fnmatch.fnmatchcase(n, sel) for n in _names(c))
-        ]
+        hits = [c for c in resolution.cells if any(fnmatch.fnmatchcase(n, sel) for n in _names(c))]
         if not hits:
             names = sorted({c.spec.target for c in resolution.cells} | {c.id for c in resolution.cells})
             raise ConfigError(f"selector '{sel}' matches no image; valid: {', '.join(names)}")

@@ -163,3 +163,19 @@ def test_report_writes_pages_and_index(tmp_path: Path) -> None:
     assert md_path.name.startswith("report-") and md_path.suffix == ".md" and html_path.suffix == ".html"
     assert (tmp_path / "build" / "reports" / "index.html").read_text() == html_path.read_text()
     assert [r.image for r in got] == ["v100-fp16", "a100-bf16"]
+
+
+def test_report_command(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from builder.cli import Context
+    from builder.commands.report import command
+
+    root = Path(__file__).resolve().parent.parent
+    (tmp_path / "matrix.yaml").write_text((root / "matrix.yaml").read_text())
+    (tmp_path / "build").mkdir()
+    (tmp_path / "build" / "report.json").write_text(json.dumps(BUILD))
+    result = CliRunner().invoke(command, [], obj=Context(matrix_path=tmp_path / "matrix.yaml", debug=False))
+    assert result.exit_code == 0, result.output
+    assert "2 images, 1 pass every check that ran; failing: a100-bf16" in result.output
+    assert (tmp_path / "build" / "reports" / "index.html").is_file()

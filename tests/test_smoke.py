@@ -343,7 +343,7 @@ def test_cli_gpu_host_passes_the_gpus(
 ) -> None:
     refs = [c.plan.tags[0] for c in resolve.select(res, ["v100"]) if c.plan is not None]
     engine = FakeEngine(dict.fromkeys(refs, V100_LABELS))
-    code, _, stderr = run_cli(monkeypatch, capsys, project_copy, engine, "v100", gpus=[V100])
+    code, _, stderr = run_cli(monkeypatch, capsys, project_copy, engine, "v100", "--no-audit", gpus=[V100])
     assert code == 0, stderr
     assert [c["image"] for c in engine.calls] == [r for r in refs for _ in (0, 1)]
     assert all(c["gpus"] for c in engine.calls)
@@ -405,3 +405,20 @@ def test_cli_ctrl_c_is_130_with_one_line(
     )
     assert code == 130 and stdout == ""
     assert stderr.strip().splitlines()[-1].startswith("error: interrupted: the running container was removed")
+
+
+def test_gpu_images_get_the_kernel_audit_step() -> None:
+    """The audit runs as a third step for GPU images; its failures name the binary."""
+    from types import SimpleNamespace
+
+    from builder.commands import smoke as smoke_mod
+
+    assert smoke_mod.audit_step(None, "cuobjdump missing").failures == ["audit:unavailable"]
+    bad = SimpleNamespace(
+        short_path="torch/lib/libtorch_cuda.so", detail="has sm_70..sm_120 SASS, no PTX; needs sm_60"
+    )
+    result = SimpleNamespace(ok=False, failures=[bad], binaries=[bad, bad], sm=60, seconds=12.3)
+    step = smoke_mod.audit_step(result)  # type: ignore[arg-type]
+    assert not step.ok and step.failures == ["audit:torch/lib/libtorch_cuda.so"]
+    good = SimpleNamespace(ok=True, failures=[], binaries=[bad], sm=70, seconds=1.0)
+    assert smoke_mod.audit_step(good).ok  # type: ignore[arg-type]

@@ -28,6 +28,7 @@ from builder.engine import ContainerRun, parse_json_lines
 from builder.errors import ConfigError, Interrupted, SmokeFailed
 
 if TYPE_CHECKING:
+    from builder.audit import AuditResult
     from builder.cli import Context
     from builder.hostprobe import GpuInfo
     from builder.render import Project
@@ -71,6 +72,12 @@ class Options:
     model: Path | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     cpu_only: bool = False
+
+
+@dataclass(frozen=True)
+class AuditOptions:
+    wheelhouse: Path | None = None
+    cuobjdump: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -259,6 +266,23 @@ class ImageResult:
         return next((s for s in self.steps if s.step == name), None)
 
 
+def audit_step(result: AuditResult | None, error: str | None = None, seconds: float = 0.0) -> StepResult:
+    """The kernel audit as a smoke step: one check per failing binary (or one summary check)."""
+    if result is None:
+        check = {"name": "unavailable", "ok": False, "detail": error}
+        return StepResult(
+            "audit", False, None, seconds, False, {"entry": "audit", "ok": False, "checks": [check]}, error
+        )
+    failing = [{"name": b.short_path, "ok": False, "detail": b.detail} for b in result.failures]
+    summary = {
+        "name": "kernels",
+        "ok": result.ok,
+        "detail": f"{len(result.binaries)} binaries with device code checked against sm_{result.sm}",
+    }
+    payload = {"entry": "audit", "ok": result.ok, "checks": [summary, *failing]}
+    return StepResult("audit", result.ok, None, round(result.seconds, 2), False, payload, None)
+
+
 def _losses(run: Mapping[str, Any]) -> list[Any]:
     return list(run.get("losses") or [])
 
@@ -425,8 +449,9 @@ def run(
     logs: Path,
     labels: Mapping[str, str],
     on_step: Listener = lambda plan, step, result: None,
+    auditor: Callable[[ImagePlan], StepResult] | None = None,
 ) -> list[ImageResult]:
-    """Contract, then smoke, in each image; a failure in one image never stops the others."""
+    """Contract, smoke, then (GPU images) the kernel audit; one image's failure never stops the others."""
     volumes = {str(options.model.resolve()): MODEL_MOUNT} if options.model is not None else {}
     results = []
     for plan in plans:
@@ -451,6 +476,11 @@ def run(
             judged = StepResult(**{**judged.__dict__, "log": str(log)})
             steps.append(judged)
             on_step(plan, step, judged)
+        if auditor is not None and plan.sm is not None:
+            on_step(plan, "audit", None)
+            audited = auditor(plan)
+            steps.append(audited)
+            on_step(plan, "audit", audited)
         results.append(ImageResult(plan, engine.image_id(plan.ref), tuple(steps), time.monotonic() - start))
     return results
 
@@ -518,6 +548,11 @@ def summary_table(report: Mapping[str, Any]) -> Any:
 @click.option("--cpu-only", is_flag=True, help="Run the CPU step even where a GPU fits the image.")
 @click.option("--docker", "docker_exe", envvar="QWEN_FT_DOCKER", help="docker executable (default: docker).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report (smoke.json) on stdout.")
+@click.option("--no-audit", is_flag=True, help="Skip the kernel-coverage audit of GPU images.")
+@click.option(
+    "--wheelhouse", type=click.Path(path_type=Path), help="Folder holding the cuobjdump wheel (offline)."
+)
+@click.option("--cuobjdump", type=click.Path(path_type=Path), help="A cuobjdump binary to use for the audit.")
 @click.option("--env", "env_items", multiple=True, hidden=True, help="KEY=VALUE for every container (tests).")
 @click.pass_obj
 def command(
@@ -529,6 +564,9 @@ def command(
     cpu_only: bool,
     docker_exe: str | None,
     as_json: bool,
+    no_audit: bool,
+    wheelhouse: Path | None,
+    cuobjdump: Path | None,
     env_items: tuple[str, ...],
 ) -> None:
     """Run `contract` then `smoke` in each selected built image; none selected means all.
@@ -538,7 +576,8 @@ def command(
     build/reports/smoke.json and smoke.md; exits 8 if any image fails.
     """
     try:
-        _command(obj, selectors, steps, timeout, model, cpu_only, docker_exe, as_json, env_items)
+        audit_opts = None if no_audit else AuditOptions(wheelhouse=wheelhouse, cuobjdump=cuobjdump)
+        _command(obj, selectors, steps, timeout, model, cpu_only, docker_exe, as_json, env_items, audit_opts)
     except KeyboardInterrupt:
         raise Interrupted("interrupted: the running container was removed; no smoke report written") from None
 
@@ -553,6 +592,7 @@ def _command(
     docker_exe: str | None,
     as_json: bool,
     env_items: tuple[str, ...],
+    audit_opts: AuditOptions | None = None,
 ) -> None:
     from rich.console import Console
 
@@ -591,8 +631,35 @@ def _command(
 
     started = time.time()
     labels = {RUN_LABEL: uuid.uuid4().hex[:12], PROJECT_LABEL: str(project.root)}
+    auditor = None
+    if audit_opts is not None:
+
+        def auditor(plan: ImagePlan) -> StepResult:
+            from builder import audit
+            from builder.errors import FatalError
+
+            start = time.monotonic()
+            try:
+                result = audit.audit_image(
+                    engine,
+                    plan.ref,
+                    name=plan.name,
+                    cache_dir=project.build / "cache" / "audit",
+                    wheelhouse=audit_opts.wheelhouse,
+                    cuobjdump=audit_opts.cuobjdump,
+                )
+            except FatalError as exc:
+                return audit_step(None, exc.message, time.monotonic() - start)
+            return audit_step(result)
+
     results = run(
-        engine, plans, options, logs=project.build / "logs" / "smoke", labels=labels, on_step=on_step
+        engine,
+        plans,
+        options,
+        logs=project.build / "logs" / "smoke",
+        labels=labels,
+        on_step=on_step,
+        auditor=auditor,
     )
     meta = {
         "command": "smoke",

@@ -419,6 +419,6 @@ def test_gpu_images_get_the_kernel_audit_step() -> None:
     )
     result = SimpleNamespace(ok=False, failures=[bad], binaries=[bad, bad], sm=60, seconds=12.3)
     step = smoke_mod.audit_step(result)  # type: ignore[arg-type]
-    assert not step.ok and step.failures == ["audit:torch/lib/libtorch_cuda.so"]
+    assert not step.ok and step.failures == ["audit:kernels", "audit:torch/lib/libtorch_cuda.so"]
     good = SimpleNamespace(ok=True, failures=[], binaries=[bad], sm=70, seconds=1.0)
     assert smoke_mod.audit_step(good).ok  # type: ignore[arg-type]

@@ -9,7 +9,7 @@ BUILD_ARGS ?=
 SMOKE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help deps deps-dev images render render-check build smoke lint typecheck test test-fast bench e2e clean
+.PHONY: help deps deps-dev images render render-check build smoke lint typecheck test test-fast bench bench-cold e2e clean
 
 help:
 	@echo "make images   render, build and smoke-test the images (SELECT=, BUILD_ARGS=, SMOKE_ARGS=)"
@@ -55,10 +55,18 @@ test: lint typecheck render-check
 
 # The unit and runtime tiers only (no Docker), for a quick loop.
 test-fast: deps-dev
-	$(PY) -m pytest -m "not docker" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not docker" --ignore=tests/e2e $(PYTEST_ARGS)
 
+# Figures go into docs/benchmarks.md. Docker parts use $QWEN_FT_DOCKER (a client with BuildKit).
 bench: deps-dev
-	@for script in benchmarks/*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+	$(PY) benchmarks/cli_startup.py
+	$(PY) benchmarks/render_scale.py
+	QWEN_FT_DOCKER=$${QWEN_FT_DOCKER:-docker} $(PY) benchmarks/build_speed.py noop disk
+	QWEN_FT_DOCKER=$${QWEN_FT_DOCKER:-docker} $(PY) benchmarks/smoke_container.py
+
+# The cold builds: slow, and they need PyPI.
+bench-cold: deps-dev
+	QWEN_FT_DOCKER=$${QWEN_FT_DOCKER:-docker} $(PY) benchmarks/build_speed.py cold
 
 # The real V100 image from plain PyPI (~4 GB of wheels): contract, CPU LoRA step, kernel audit,
 # report. Figures in build/e2e/metrics.json; QWEN_FT_E2E_PRUNE=1 also prunes the build cache.

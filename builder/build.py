@@ -25,7 +25,7 @@ from builder.content import HASH_LABEL, content_hash, hash_tag
 from builder.engine import BuildRequest, Engine
 from builder.errors import ConfigError, RegistryError
 from builder.knowledge import Knowledge
-from builder.render import Project, render_all
+from builder.render import Project, dockerfile, environment
 from builder.resolve import Cell, Resolution
 
 CA_SECRET_ID = "ca_bundle"
@@ -131,14 +131,18 @@ def plan_jobs(
     cells: Sequence[Cell],
     options: BuildOptions,
 ) -> list[BuildJob]:
-    """Pure: what each selected image's build would be, from the in-memory render."""
-    files = render_all(project, resolution, kb)
+    """Pure: what each selected image's build would be, from the in-memory render.
+
+    Only the selected images are rendered: a no-op rebuild of one image should not pay
+    for templating the whole matrix.
+    """
+    env = environment(project.templates)
     rules = options.base_map + resolution.config.base_map
     jobs = []
     for cell in cells:
         assert cell.plan is not None
         path = project.dockerfile(cell)
-        text = files[path]
+        text = dockerfile(env, kb, cell, resolution.config.image)
         args = build_args(cell, rules)
         digest = content_hash(text, project.runtime, args)
         image = resolution.config.image

@@ -184,7 +184,7 @@ class DockerEngine:
             raise EngineError(
                 f"Docker engine {raw} is too old: RUN --mount needs {MIN_ENGINE}+; upgrade dockerd"
             )
-        self._detect_buildkit()
+        # The BuildKit probe (two docker CLI calls) waits until something must be built.
         return raw
 
     def _detect_buildkit(self) -> None:

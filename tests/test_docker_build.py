@@ -244,3 +244,51 @@ def _cleanup_test_images() -> object:
         if ref.startswith((f"{REGISTRY}/", "qwen-ft-secrets:", "qwen-ft-nobase:")):
             docker("rmi", "-f", ref, check=False)
     shutil.rmtree("/nonexistent", ignore_errors=True)
+
+
+def test_ctrl_c_cancels_builds_and_moves_no_tag(tmp_path: Path, built_cpu: Built) -> None:
+    """SIGINT mid-build: exit 130, one line, no new tag, no container left behind."""
+    import os
+    import signal
+    import sys
+    import time
+
+    project = copy_project(tmp_path / "interrupt", image="qwen-ft-interrupt")
+    tpl = project / "templates" / "Dockerfile.j2"
+    tpl.write_text(
+        tpl.read_text().replace(
+            "# ---- the image\nFROM ${BASE_IMAGE}\n",
+            "# ---- the image\nFROM ${BASE_IMAGE}\nRUN echo slow-step-started && sleep 120\n",
+        )
+    )
+    assert cli(project, "render").returncode == 0
+    before = set(docker("ps", "-aq").stdout.split())
+    env = {**os.environ, "QWEN_FT_DOCKER": DOCKER}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "builder",
+            "--matrix",
+            str(project / "matrix.yaml"),
+            "build",
+            "cpu",
+            *built_cpu.base_args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    log = project / "build" / "logs" / "cpu-fp32.log"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (log.exists() and "slow-step-started" in log.read_text()):
+        time.sleep(0.5)
+    assert log.exists() and "slow-step-started" in log.read_text(), "the slow step never started"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("error: interrupted")
+    assert "Traceback" not in err
+    assert docker("image", "inspect", "qwen-ft-interrupt:cpu-fp32", check=False).returncode != 0
+    assert set(docker("ps", "-aq").stdout.split()) <= before, "no container left behind"

@@ -239,7 +239,7 @@ def test_report_page(v100: E2E) -> None:
 
 
 def test_sizes(v100: E2E) -> None:
-    """What the image is made of, for docs/benchmarks-e2e.md: the wheels dominate."""
+    """What the image is made of, for docs/benchmarks.md (End-to-end): the wheels dominate."""
     script = (
         "import json, pathlib, site; sp = pathlib.Path(site.getsitepackages()[0]); "
         "size = lambda p: sum(f.stat().st_size for f in p.rglob('*') if f.is_file() and not f.is_symlink()); "

@@ -243,7 +243,7 @@ class DockerEngine:
         failed_step = None
         steps: dict[str, str] = {}
         tail: list[str] = []
-        with log.open("w") as out:
+        with log.open("w", buffering=1) as out:  # line-buffered: `tail -f` works mid-build
             out.write("$ " + shlex.join(argv) + "\n")
             # A new session keeps a terminal's Ctrl-C away from the child: we stop it
             # ourselves, so BuildKit cancels cleanly and no half-built image gets tagged.

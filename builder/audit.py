@@ -38,7 +38,7 @@ import yaml
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from builder.engine import ContainerRun, parse_json_lines
+from builder.engine import ContainerEngine, parse_json_lines
 from builder.errors import ConfigError, EngineError, KnowledgeError
 
 SM_LABEL = "io.qwen-ft.sm"
@@ -60,23 +60,10 @@ _DOCKER_ARCH = {"amd64": "x86_64", "x86_64": "x86_64", "arm64": "aarch64", "aarc
 _WHEEL_MEMBER = re.compile(r"^nvidia/cu\d+/bin/cuobjdump$")
 
 
-class AuditEngine(Protocol):
+class AuditEngine(ContainerEngine, Protocol):
     """What the audit needs from an engine (DockerEngine; tests use a fake)."""
 
-    def image_labels(self, ref: str) -> Mapping[str, str] | None: ...
-    def image_id(self, ref: str) -> str | None: ...
     def image_architecture(self, ref: str) -> str | None: ...
-    def run_container(
-        self,
-        image: str,
-        command: Sequence[str],
-        *,
-        timeout: float,
-        gpus: bool = False,
-        env: Mapping[str, str] | None = None,
-        volumes: Mapping[str, str] | None = None,
-        labels: Mapping[str, str] | None = None,
-    ) -> ContainerRun: ...
 
 
 # ----------------------------------------------------------------------------- architectures

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from packaging.version import InvalidVersion, Version
 
-from builder.engine import ContainerRun, parse_json_lines
+from builder.engine import ContainerEngine, ContainerRun, parse_json_lines
 from builder.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -309,20 +309,6 @@ class Executor(Protocol):
 
     def model_arg(self, host_path: Path) -> str: ...
     def run(self, args: Sequence[str], env: Mapping[str, str], timeout: float) -> ContainerRun: ...
-
-
-class ContainerEngine(Protocol):
-    def run_container(
-        self,
-        image: str,
-        command: Sequence[str],
-        *,
-        timeout: float,
-        gpus: bool = False,
-        env: Mapping[str, str] | None = None,
-        volumes: Mapping[str, str] | None = None,
-        labels: Mapping[str, str] | None = None,
-    ) -> ContainerRun: ...
 
 
 @dataclass

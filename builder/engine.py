@@ -90,6 +90,24 @@ class Engine(Protocol):
     def remove_image(self, ref: str) -> None: ...
 
 
+class ContainerEngine(Protocol):
+    """What smoke, audit and compare need to run containers (DockerEngine; tests use fakes)."""
+
+    def image_labels(self, ref: str) -> Mapping[str, str] | None: ...
+    def image_id(self, ref: str) -> str | None: ...
+    def run_container(
+        self,
+        image: str,
+        command: Sequence[str],
+        *,
+        timeout: float,
+        gpus: bool = False,
+        env: Mapping[str, str] | None = None,
+        volumes: Mapping[str, str] | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> ContainerRun: ...
+
+
 def docker_executable(configured: str | None) -> str:
     exe = configured or os.environ.get("QWEN_FT_DOCKER") or "docker"
     found = shutil.which(exe)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import click
 
-from builder.engine import ContainerRun, parse_json_lines
+from builder.engine import ContainerEngine, ContainerRun, parse_json_lines
 from builder.errors import ConfigError, Interrupted, SmokeFailed
 
 if TYPE_CHECKING:
@@ -43,23 +43,10 @@ DEFAULT_TIMEOUT_S = 600.0
 NO_GPU_NOTE = "cpu step only: no GPU on this host"
 
 
-class SmokeEngine(Protocol):
+class SmokeEngine(ContainerEngine, Protocol):
     """What smoke needs from an engine (DockerEngine; tests use a recording fake)."""
 
     def check(self) -> str: ...
-    def image_labels(self, ref: str) -> Mapping[str, str] | None: ...
-    def image_id(self, ref: str) -> str | None: ...
-    def run_container(
-        self,
-        image: str,
-        command: Sequence[str],
-        *,
-        timeout: float,
-        gpus: bool = False,
-        env: Mapping[str, str] | None = None,
-        volumes: Mapping[str, str] | None = None,
-        labels: Mapping[str, str] | None = None,
-    ) -> ContainerRun: ...
 
 
 # ----------------------------------------------------------------------------- planning

@@ -241,7 +241,7 @@ def _cleanup_test_images() -> object:
     yield None
     out = docker("images", "--format", "{{.Repository}}:{{.Tag}}", check=False).stdout.split()
     for ref in out:
-        if ref.startswith((f"{REGISTRY}/", "qwen-ft-secrets:", "qwen-ft-nobase:")):
+        if ref.startswith((f"{REGISTRY}/", "qwen-ft-secrets:", "qwen-ft-nobase:", "qwen-ft-interrupt:")):
             docker("rmi", "-f", ref, check=False)
     shutil.rmtree("/nonexistent", ignore_errors=True)
 
@@ -258,10 +258,13 @@ def test_ctrl_c_cancels_builds_and_moves_no_tag(tmp_path: Path, built_cpu: Built
     tpl.write_text(
         tpl.read_text().replace(
             "# ---- the image\nFROM ${BASE_IMAGE}\n",
-            "# ---- the image\nFROM ${BASE_IMAGE}\nRUN echo slow-step-started && sleep 120\n",
+            f"# ---- the image\nFROM ${{BASE_IMAGE}}\nRUN echo started-{RUN_ID} && sleep 120\n",
         )
     )
     assert cli(project, "render").returncode == 0
+    # A leftover from an earlier session would make the build a no-op: start clean.
+    for ref in docker("images", "--format", "{{.Repository}}:{{.Tag}}", "qwen-ft-interrupt").stdout.split():
+        docker("rmi", "-f", ref, check=False)
     before = set(docker("ps", "-aq").stdout.split())
     env = {**os.environ, "QWEN_FT_DOCKER": DOCKER}
     proc = subprocess.Popen(
@@ -281,10 +284,23 @@ def test_ctrl_c_cancels_builds_and_moves_no_tag(tmp_path: Path, built_cpu: Built
         env=env,
     )
     log = project / "build" / "logs" / "cpu-fp32.log"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (log.exists() and "slow-step-started" in log.read_text()):
+    # The step's own output line ("#5 0.31 started-…"), not its header, proves it is running;
+    # RUN_ID keeps the layer out of the build cache.
+    running = re.compile(rf"^#\d+ [\d.]+ started-{RUN_ID}$", re.M)
+
+    def started() -> bool:
+        return log.exists() and running.search(log.read_text()) is not None
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not started():
+        if proc.poll() is not None:
+            _, err = proc.communicate()
+            raise AssertionError(f"build ended before the slow step (exit {proc.returncode}): {err[-2000:]}")
         time.sleep(0.5)
-    assert log.exists() and "slow-step-started" in log.read_text(), "the slow step never started"
+    if not started():
+        proc.kill()
+        _, err = proc.communicate()
+        raise AssertionError(f"the slow step never started: {err[-2000:]}")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err

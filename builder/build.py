@@ -78,6 +78,7 @@ class ImageResult:
     pushed: dict[str, str] = field(default_factory=dict)  # remote ref -> digest
     failed_step: str | None = None
     error: str | None = None
+    failed_in: str | None = None  # build | push
     log: str | None = None
     started: float = 0.0
 
@@ -269,6 +270,7 @@ def run(
                     seconds=time.monotonic() - start,
                     failed_step=outcome.failed_step,
                     error=outcome.error,
+                    failed_in="build",
                 )
                 if options.fail_fast:
                     cancel.set()
@@ -283,7 +285,13 @@ def run(
             try:
                 pushed = push_image(engine, job, image_id, options.registry, force=options.force)
             except RegistryError as exc:
-                update(job.name, status="failed", error=exc.message, seconds=time.monotonic() - start)
+                update(
+                    job.name,
+                    status="failed",
+                    error=exc.message,
+                    failed_in="push",
+                    seconds=time.monotonic() - start,
+                )
                 return
         update(
             job.name,

@@ -387,11 +387,10 @@ def build_cmd(
     click.echo(f"report: {report.relative_to(project.root)}", err=True)
     failed = [r for r in results if not r.ok]
     if failed:
-        registry_errors = [r for r in failed if r.error and ("immutable" in r.error or "push" in r.error)]
-        if registry_errors and len(registry_errors) == len(failed):
+        if all(r.failed_in == "push" for r in failed):  # every image built; only the registry said no
             from builder.errors import RegistryError
 
-            raise RegistryError(registry_errors[0].error or "push failed")
+            raise RegistryError(failed[0].error or "push failed")
         raise BuildFailed(
             f"{len(failed)} of {len(results)} images failed: "
             + "; ".join(f"{r.image} ({r.error}; log {r.log})" for r in failed)

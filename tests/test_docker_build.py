@@ -153,9 +153,13 @@ def test_no_ca_or_proxy_remains_in_the_image(tmp_path: Path, built_cpu: Built) -
     bundle = tmp_path / "corp-ca.pem"
     bundle.write_text(CA_BUNDLE.read_text() + f"\n# {marker}\n")
     project = copy_project(tmp_path / "secrets", image="qwen-ft-secrets")
+    args = [a if a != str(CA_BUNDLE) else str(bundle) for a in built_cpu.base_args]
+    # Warm the layer cache without proxies first (a no-op if the cpu image's layers are cached):
+    # the proxy below does not exist, so only the last layer may run with it.
+    warm = cli(project, "build", "cpu", *args)
+    assert warm.returncode == 0, warm.stdout + warm.stderr
     _edit_runtime(project, "force a fresh last layer for this build")
     proxy = "http://proxy.invalid:3128"
-    args = [a if a != str(CA_BUNDLE) else str(bundle) for a in built_cpu.base_args]
     proc = cli(
         project,
         "build",

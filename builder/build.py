@@ -12,17 +12,18 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import shlex
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from builder.content import HASH_LABEL, content_hash, hash_tag
-from builder.engine import BuildRequest, Engine
+from builder.engine import BuildRequest, DockerEngine, Engine
 from builder.errors import ConfigError, RegistryError
 from builder.knowledge import Knowledge
 from builder.render import Project, dockerfile, environment
@@ -215,6 +216,24 @@ def request_for(job: BuildJob, context: Path, options: BuildOptions) -> BuildReq
 
 def remote(ref: str, registry: str) -> str:
     return f"{registry.rstrip('/')}/{ref}"
+
+
+def dry_run_lines(
+    project: Project, jobs: Sequence[BuildJob], engine: DockerEngine, options: BuildOptions
+) -> Iterator[str]:
+    """The plan and the exact commands a build would run; nothing is run."""
+    context = project.build / "context"
+    for job in jobs:
+        argv, env = engine.build_argv(
+            request_for(job, context, options), project.build / "logs" / f"{job.name}.iid"
+        )
+        yield f"# {job.name}: content hash {job.digest[:12]}; tags {', '.join(job.tags)}"
+        yield " ".join([*(f"{k}={v}" for k, v in env.items()), shlex.join(argv)])
+        for ref in job.tags:
+            yield shlex.join([engine.exe, "tag", "<image-id>", ref])
+        if options.push and options.registry:
+            for ref in job.tags:
+                yield shlex.join([engine.exe, "push", remote(ref, options.registry)])
 
 
 # ----------------------------------------------------------------------------- running

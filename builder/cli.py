@@ -338,19 +338,8 @@ def build_cmd(
     from builder.engine import CommandLog, DockerEngine
 
     if dry_run:
-        engine = DockerEngine(docker_exe)
-        context = project.build / "context"
-        for job in plan:
-            argv, env = engine.build_argv(build.request_for(job, context, options), project.build / "x.iid")
-            import shlex
-
-            click.echo(f"# {job.name}: content hash {job.digest[:12]}; tags {', '.join(job.tags)}")
-            click.echo(" ".join([*(f"{k}={v}" for k, v in env.items()), shlex.join(argv)]))
-            for ref in job.tags:
-                click.echo(shlex.join([engine.exe, "tag", "<image-id>", ref]))
-            if push and registry:
-                for ref in job.tags:
-                    click.echo(shlex.join([engine.exe, "push", build.remote(ref, registry)]))
+        for line in build.dry_run_lines(project, plan, DockerEngine(docker_exe), options):
+            click.echo(line)
         return
     from builder.console import BuildProgress, summary
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 import shlex
 import shutil
 import threading
@@ -381,6 +382,31 @@ def push_image(engine: Engine, job: BuildJob, image_id: str, registry: str, *, f
         if f"{repo}@{digest}" not in engine.repo_digests(target):
             raise RegistryError(f"{target}: pulled image does not carry the pushed digest {digest}")
     return pushed
+
+
+# ----------------------------------------------------------------------------- pruning
+
+_HASH_TAG = re.compile(r"^(?P<target>[A-Za-z0-9_.-]+)-(?P<digest>[0-9a-f]{12})$")
+
+
+def stale_tags(jobs: Sequence[BuildJob], local: Mapping[str, str]) -> list[str]:
+    """Content-hash tags that no current image has and that name no alias/pinned image.
+
+    Old content tags keep superseded images alive (they are immutable on purpose);
+    removing them lets the engine free the layers. A tag whose image is still what an
+    alias or pinned tag points at is kept.
+    """
+    current = {job.hash_ref for job in jobs}
+    named = {tag for job in jobs for tag in job.tags[:-1]}
+    live_ids = {local[t] for t in named if t in local}
+    targets = {job.cell.spec.target for job in jobs}
+    stale = []
+    for ref, image_id in sorted(local.items()):
+        m = _HASH_TAG.match(ref.rsplit(":", 1)[1])
+        if m is None or m.group("target") not in targets or ref in current or image_id in live_ids:
+            continue
+        stale.append(ref)
+    return stale
 
 
 # ----------------------------------------------------------------------------- reports

@@ -386,6 +386,32 @@ def build_cmd(
         )
 
 
+@cli.command("prune")
+@click.option("--dry-run", is_flag=True, help="List the tags that would be removed; remove nothing.")
+@click.option("--docker", "docker_exe", envvar="QWEN_FT_DOCKER", help="docker executable (default: docker).")
+@click.pass_obj
+def prune_cmd(obj: Context, dry_run: bool, docker_exe: str | None) -> None:
+    """Remove local content-hash tags of superseded images, so their layers can be freed.
+
+    Alias and pinned tags, the current content tags, and any image an alias or pinned tag
+    still names are kept. Registries are never touched.
+    """
+    from builder import build
+    from builder.engine import CommandLog, DockerEngine
+
+    cfg, kb, res = obj.load()
+    project = obj.project
+    jobs = build.plan_jobs(project, res, kb, res.cells, build.BuildOptions())
+    engine = DockerEngine(docker_exe, CommandLog(None if dry_run else project.build / "logs" / "commands.sh"))
+    engine.check()
+    stale = build.stale_tags(jobs, engine.local_tags(cfg.image))
+    for ref in stale:
+        if not dry_run:
+            engine.remove_image(ref)
+        click.echo(("would remove " if dry_run else "removed ") + ref)
+    click.echo(f"{len(stale)} stale content tag(s) {'found' if dry_run else 'removed'}", err=True)
+
+
 @cli.command("doctor")
 @click.argument("selectors", nargs=-1)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (fields in docs/doctor.md).")

@@ -389,6 +389,15 @@ class DockerEngine:
             ) from None
         return str(data.id)
 
+    def local_tags(self, repository: str) -> dict[str, str]:
+        """Every local tag of a repository, mapped to its image id."""
+        out: dict[str, str] = {}
+        for image in self.client.images.list(name=repository):
+            for tag in image.tags:
+                if tag.rsplit(":", 1)[0] == repository:
+                    out[tag] = str(image.id)
+        return out
+
     def remove_image(self, ref: str) -> None:
         import docker
 

@@ -255,3 +255,19 @@ def test_no_daemon_is_a_one_line_error(tmp_path: Path) -> None:
 
 def test_registry_error_is_typed() -> None:
     assert RegistryError("x").exit_code == 7
+
+
+def test_stale_tags_keep_current_and_named_images() -> None:
+    jobs = [j for j in plan() if j.name in ("cpu-fp32", "v100-fp16")]
+    cpu = next(j for j in jobs if j.name == "cpu-fp32")
+    local = {
+        "qwen-ft:cpu-fp32": "sha256:new",
+        "qwen-ft:cpu-fp32-torch2.13.0-py3.11": "sha256:new",
+        cpu.hash_ref: "sha256:new",
+        "qwen-ft:cpu-0123456789ab": "sha256:old",  # superseded: stale
+        "qwen-ft:cpu-aaaaaaaaaaaa": "sha256:new",  # another hash tag on the live image: kept
+        "qwen-ft:v100-bbbbbbbbbbbb": "sha256:older",  # superseded v100 build: stale
+        "qwen-ft:custom-cccccccccccc": "sha256:x",  # not a target of this matrix: kept
+        "qwen-ft:latest": "sha256:y",
+    }
+    assert build.stale_tags(jobs, local) == ["qwen-ft:cpu-0123456789ab", "qwen-ft:v100-bbbbbbbbbbbb"]

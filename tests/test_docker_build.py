@@ -240,12 +240,34 @@ def test_dry_run_runs_nothing(tmp_path: Path, docker_engine: str) -> None:
     assert not (project / "build" / "report.json").exists()
 
 
+def test_prune_removes_only_superseded_content_tags(tmp_path: Path, built_cpu: Built) -> None:
+    project = copy_project(tmp_path / "prune", image="qwen-ft-prune")
+    first = cli(project, "build", "cpu", *built_cpu.base_args)
+    assert first.returncode == 0, first.stderr
+    old_tag = json.loads((project / "build" / "report.json").read_text())["images"][0]["tags"][2]
+    _edit_runtime(project, "supersede the first image")
+    second = cli(project, "build", "cpu", *built_cpu.base_args)
+    assert second.returncode == 0, second.stderr
+    tags = json.loads((project / "build" / "report.json").read_text())["images"][0]["tags"]
+    assert tags[2] != old_tag
+    dry = cli(project, "prune", "--dry-run")
+    assert dry.returncode == 0 and dry.stdout.strip() == f"would remove {old_tag}"
+    assert docker("image", "inspect", old_tag, check=False).returncode == 0
+    done = cli(project, "prune")
+    assert done.returncode == 0 and done.stdout.strip() == f"removed {old_tag}"
+    assert docker("image", "inspect", old_tag, check=False).returncode != 0
+    for ref in tags:
+        assert docker("image", "inspect", ref, check=False).returncode == 0, ref
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _cleanup_test_images() -> object:
     yield None
     out = docker("images", "--format", "{{.Repository}}:{{.Tag}}", check=False).stdout.split()
     for ref in out:
-        if ref.startswith((f"{REGISTRY}/", "qwen-ft-secrets:", "qwen-ft-nobase:", "qwen-ft-interrupt:")):
+        if ref.startswith(
+            (f"{REGISTRY}/", "qwen-ft-secrets:", "qwen-ft-nobase:", "qwen-ft-interrupt:", "qwen-ft-prune:")
+        ):
             docker("rmi", "-f", ref, check=False)
     shutil.rmtree("/nonexistent", ignore_errors=True)
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
 # Docker-tier fixtures (tests/ is on sys.path: it has no __init__.py).
-from docker_support import built_cpu, docker_engine  # noqa: F401
+from docker_support import built_cpu, copy_project, docker_engine  # noqa: F401
 
 from builder import config, knowledge
 from builder.knowledge import Knowledge
@@ -29,10 +28,4 @@ def matrix() -> config.MatrixConfig:
 @pytest.fixture
 def project_copy(tmp_path: Path) -> Path:
     """A throwaway copy of the project (matrix, templates, images, runtime) to mutate."""
-    for name in ("matrix.yaml", "templates", "images", "runtime"):
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        else:
-            shutil.copy2(src, tmp_path / name)
-    return tmp_path
+    return copy_project(tmp_path)

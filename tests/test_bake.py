@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from docker_support import copy_project
 
 from builder import bake, config, knowledge, render, resolve
 
@@ -49,13 +50,7 @@ def run_bake(project: Path, *args: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def baked(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    project = tmp_path_factory.mktemp("project")
-    for name in ("matrix.yaml", "templates", "images", "runtime"):
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, project / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        else:
-            shutil.copy2(src, project / name)
+    project = copy_project(tmp_path_factory.mktemp("project"))
     return project, run_bake(project, "--registry", "ghcr.io/acme")
 
 

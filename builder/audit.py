@@ -329,7 +329,7 @@ class AuditResult:
     image: str  # what the user named: a cell id or an image ref
     ref: str
     image_id: str | None
-    target: str | None  # the io.qwen-ft.target label
+    target: str | None  # the image's target label
     sm: int | None  # None: a CPU image, nothing to audit
     sm_source: str  # "label" | "--sm"
     binaries: tuple[BinaryVerdict, ...] = ()
@@ -559,7 +559,7 @@ def audit_image(
     timeout: float = DEFAULT_TIMEOUT_S,
     labels: Mapping[str, str] | None = None,
 ) -> AuditResult:
-    """Audit one image against `sm` (default: its io.qwen-ft.sm label).
+    """Audit one image against `sm` (default: its SM label).
 
     Raises ConfigError (exit 2) for a missing or foreign image or a missing cuobjdump, and
     EngineError (exit 5) when the probe cannot run; a failing verdict is in the result

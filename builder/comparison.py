@@ -403,7 +403,7 @@ class CombinationResult:
 
 
 _NONFINITE_STEP = re.compile(r"\bat step (\d+)\b")
-_USAGE_PREFIX = re.compile(r"^qwen-ft-runtime \w+: error: ")
+_USAGE_PREFIX = re.compile(rf"^{re.escape(contract.ENTRY_POINT)} \w+: error: ")
 
 
 def skipped(combo: Combination) -> CombinationResult:

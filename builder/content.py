@@ -13,7 +13,6 @@ import hashlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-HASH_LABEL = "io.qwen-ft.content-hash"
 _SKIP_DIRS = {"__pycache__", ".mypy_cache", ".pytest_cache", ".ruff_cache"}
 _SKIP_SUFFIXES = {".pyc", ".pyo"}
 

@@ -33,8 +33,11 @@ cleanup() { rm -rf --one-file-system "$ROOT"; }
 trap cleanup EXIT
 
 # The host's configured repository for the suite, else debootstrap's own default.
-mirror=${DEBIAN_MIRROR:-$(apt-get indextargets --format '$(REPO_URI) $(RELEASE)' 2>/dev/null |
-    awk -v s="$DEBIAN_SUITE" '$2 == s {print $1; exit}')}
+mirror=$DEBIAN_MIRROR
+if [[ -z $mirror ]]; then
+    mirror=$(apt-get indextargets --format '$(REPO_URI) $(RELEASE)' 2>/dev/null |
+        awk -v s="$DEBIAN_SUITE" '$2 == s {print $1; exit}')
+fi
 log "debootstrap --variant=minbase $DEBIAN_SUITE $ROOT ${mirror:-(debootstrap's default mirror)}"
 if ! debootstrap --variant=minbase "$DEBIAN_SUITE" "$ROOT" ${mirror:+"$mirror"} \
     >"$ROOT.log" 2>&1; then

@@ -38,7 +38,7 @@ if [[ -z $mirror ]]; then
     mirror=$(apt-get indextargets --format '$(REPO_URI) $(RELEASE)' 2>/dev/null |
         awk -v s="$DEBIAN_SUITE" '$2 == s {print $1; exit}')
 fi
-log "debootstrap --variant=minbase $DEBIAN_SUITE $ROOT ${mirror:-(debootstrap's default mirror)}"
+log "debootstrap --variant=minbase $DEBIAN_SUITE $ROOT ${mirror:-(the debootstrap default mirror)}"
 if ! debootstrap --variant=minbase "$DEBIAN_SUITE" "$ROOT" ${mirror:+"$mirror"} \
     >"$ROOT.log" 2>&1; then
     tail -n 30 "$ROOT.log" >&2

@@ -7,7 +7,7 @@ speed. Four stages, each testable alone:
 * planning (`choose_hardware`, `plan_combinations`, pure): which device the steps run on and
   which combinations it cannot run (skipped, with the reason), from the host's GPUs (hostprobe)
   and the image's labels;
-* running (`run_combinations`): one runtime `smoke` process per combination, in a container of
+* running (`run_all`): one runtime `smoke` process per combination, in a container of
   the image or (`--native`) on this host's python, through an `Executor`. One process each so
   that a process-wide peak (CPU RSS) is per combination, and a crash or NaN in one leaves the
   others untouched; the price is one interpreter start (a few seconds) per combination;

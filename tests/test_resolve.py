@@ -192,7 +192,7 @@ def test_torch_index_and_pypi_default(kb: Knowledge, matrix: MatrixConfig) -> No
     [
         ("v100", "12.6", "2.8.0", "525.60.13"),  # CUDA 12 minor-version floor
         ("t4", "13.0", "2.13.0", "580.65.06"),  # CUDA 13 floor
-        ("b200", "12.8", "2.8.0", "570.26"),  # Blackwell needs R570 even on CUDA 12
+        ("b200", "12.8", "2.8.0", "570.133.20"),  # HGX B200: the GPU Operator floor, above CUDA 12
         ("a100", "11.8", "2.7.1", "450.80.02"),
     ],
 )

@@ -55,6 +55,7 @@ LAZY_COMMANDS = {
     "compare": "builder.commands.compare",
     "audit": "builder.commands.audit",
     "report": "builder.commands.report",
+    "knowledge": "builder.commands.knowledge",
 }
 
 

@@ -66,6 +66,7 @@ class TorchRelease:
     triton: TritonPin
     cxx11_abi: dict[str, bool]
     source: str
+    python_excluded: tuple[str, ...] = ()  # published, deliberately not offered (see `source`)
 
     def abi(self, variant: str) -> bool:
         return self.cxx11_abi[variant]
@@ -233,6 +234,7 @@ class Knowledge:
     distros: tuple[Distro, ...]
     stack: dict[str, tuple[StackPin, ...]]
     stack_minimums: dict[str, tuple[str, str]]
+    stack_watch: dict[str, tuple[str, str]]
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     # -- lookups used by the resolver -------------------------------------------------
@@ -328,10 +330,13 @@ def _triton_pin(torch_version: str, t: dict[str, Any]) -> TritonPin:
     version = str(t["version"])
     requires = str(t.get("requires") or f"=={version}")
     if Version(version) not in SpecifierSet(requires):
-        raise KnowledgeError(f"torch {torch_version}: triton {version} does not satisfy its requirement {requires}")
+        raise KnowledgeError(
+            f"torch {torch_version}: triton {version} does not satisfy its requirement {requires}"
+        )
     if not requires.startswith("==") and not t.get("resolved"):
         raise KnowledgeError(
-            f"torch {torch_version}: triton {requires} is a range; record how {version} was chosen in `resolved`"
+            f"torch {torch_version}: triton {requires} is a range; "
+            f"record how {version} was chosen in `resolved`"
         )
     return TritonPin(
         version=version,
@@ -388,6 +393,7 @@ def _build(
             pypi_default=str(r["pypi_default"]),
             python=_strs(r["python"]),
             triton=pin,
+            python_excluded=_strs(r.get("python_excluded", [])),
             cxx11_abi=abi_map,
             source=str(r["source"]),
         )
@@ -395,16 +401,21 @@ def _build(
     for r in fa["releases"]:
         w = r["wheels"]
         runtime_sm = tuple(
-            (int(lo), None if hi is None else int(hi)) for lo, hi in r.get("runtime_sm", [[r["min_sm"], None]])
+            (int(lo), None if hi is None else int(hi))
+            for lo, hi in r.get("runtime_sm", [[r["min_sm"], None]])
         )
         if any(hi is not None and hi < lo for lo, hi in runtime_sm) or min(lo for lo, _ in runtime_sm) != int(
             r["min_sm"]
         ):
-            raise KnowledgeError(f"flash-attn {r['version']}: runtime_sm must start at min_sm and be [lo, hi]")
+            raise KnowledgeError(
+                f"flash-attn {r['version']}: runtime_sm must start at min_sm and be [lo, hi]"
+            )
         compiled_sm = tuple((int(c["sm"]), str(Version(str(c["nvcc"])))) for c in r.get("compiled_sm", []))
         known = bool(w.get("known", True))
         if known and w.get("nvcc") is None:
-            raise KnowledgeError(f"flash-attn {r['version']}: wheels.nvcc (the CUDA publish.yml built with) is required")
+            raise KnowledgeError(
+                f"flash-attn {r['version']}: wheels.nvcc (the CUDA publish.yml built with) is required"
+            )
         fa_releases[str(r["version"])] = FlashAttnRelease(
             version=str(r["version"]),
             min_sm=int(r["min_sm"]),
@@ -421,7 +432,9 @@ def _build(
                 nvcc=None if w.get("nvcc") is None else str(Version(str(w["nvcc"]))),
                 known=known,
                 mislabelled=tuple(
-                    Mislabelled(torch=str(m["torch"]), abi=bool(m["abi"]), why=str(m["why"]), source=str(m["source"]))
+                    Mislabelled(
+                        torch=str(m["torch"]), abi=bool(m["abi"]), why=str(m["why"]), source=str(m["source"])
+                    )
                     for m in w.get("mislabelled", [])
                 ),
             ),
@@ -552,5 +565,8 @@ def _build(
             for name, pins in stack["packages"].items()
         },
         stack_minimums={name: (str(m["version"]), str(m["source"])) for name, m in stack["minimums"].items()},
+        stack_watch={
+            name: (str(m["version"]), str(m["source"])) for name, m in stack.get("watch", {}).items()
+        },
         raw={"torch": torch, "gpus": gpus, "triton": triton, "flash_attn": fa, "cuda": cuda},
     )

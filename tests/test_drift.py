@@ -194,3 +194,22 @@ def test_live_check_runs_against_the_real_index() -> None:
     data = json.loads(proc.stdout)
     assert data["drift"] == (proc.returncode == 1)
     assert any(c.startswith("torch ") for c in data["checked"]), data
+
+
+def test_loader_refuses_inconsistent_new_fields() -> None:
+    from builder.errors import KnowledgeError
+    from builder.knowledge import _ptx_strips, _triton_pin
+
+    with pytest.raises(KnowledgeError, match="is a range; record how"):
+        _triton_pin(
+            "9.9.0", {"requires": "~=3.8.0", "version": "3.8.0", "confidence": "primary", "source": "x"}
+        )
+    with pytest.raises(KnowledgeError, match="does not satisfy"):
+        _triton_pin(
+            "9.9.0",
+            {"requires": "~=3.8.0", "version": "3.9.0", "resolved": "x", "confidence": "p", "source": "x"},
+        )
+    from builder.knowledge import load
+
+    with pytest.raises(KnowledgeError, match="no torch"):
+        _ptx_strips([{"torch": ">=2.6,<2.7", "variants": ["12.8"], "pr": "p", "source": "s"}], load().torch)

@@ -326,6 +326,25 @@ def _strs(items: Any) -> tuple[str, ...]:
     return tuple(str(i) for i in items)
 
 
+def _ptx_strips(rows: list[dict[str, Any]], releases: dict[str, TorchRelease]) -> tuple[PtxStrip, ...]:
+    """Each strip must name a variant some release it covers publishes, or it is a typo."""
+    strips = []
+    for s in rows:
+        strip = PtxStrip(
+            torch=SpecifierSet(str(s["torch"])),
+            variants=_strs(s["variants"]),
+            pr=str(s["pr"]),
+            source=str(s["source"]),
+        )
+        published = {v for r in releases.values() if Version(r.version) in strip.torch for v in r.variants}
+        if not set(strip.variants) & published:
+            raise KnowledgeError(
+                f"ptx_strips {strip.pr}: no torch {strip.torch} release publishes {strip.variants}"
+            )
+        strips.append(strip)
+    return tuple(strips)
+
+
 def _triton_pin(torch_version: str, t: dict[str, Any]) -> TritonPin:
     """torch's triton requirement; the chosen version must satisfy it (a range is resolved as data)."""
     version = str(t["version"])
@@ -386,6 +405,10 @@ def _build(
         if set(abi_map) != set(variants):
             raise KnowledgeError(f"torch {r['version']}: cxx11_abi must cover every variant")
         pin = _triton_pin(str(r["version"]), r["triton"])
+        if set(_strs(r.get("python_excluded", []))) & set(_strs(r["python"])):
+            raise KnowledgeError(
+                f"torch {r['version']}: a Python cannot be both in python and python_excluded"
+            )
         if str(r["pypi_default"]) not in variants:
             raise KnowledgeError(f"torch {r['version']}: pypi_default {r['pypi_default']} is not a variant")
         torch_releases[str(r["version"])] = TorchRelease(
@@ -472,15 +495,7 @@ def _build(
             )
             for a in torch["arch_lists"]
         ),
-        ptx_strips=tuple(
-            PtxStrip(
-                torch=SpecifierSet(str(s["torch"])),
-                variants=_strs(s["variants"]),
-                pr=str(s["pr"]),
-                source=str(s["source"]),
-            )
-            for s in torch.get("ptx_strips", [])
-        ),
+        ptx_strips=_ptx_strips(torch.get("ptx_strips", []), torch_releases),
         triton_rows=tuple(
             (SpecifierSet(str(r["version"])), int(r["sm"]), str(r["source"])) for r in triton["min_sm"]
         ),

@@ -34,7 +34,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 
-from builder.errors import NetworkUnreachable
+from builder.errors import ConfigError, NetworkUnreachable
 from builder.knowledge import Knowledge
 
 PYTORCH_INDEX = "https://download.pytorch.org/whl/torch/"
@@ -76,8 +76,12 @@ def index_url(run: Callable[[list[str]], str] | None = None) -> str:
     configured = run([sys.executable, "-m", "pip", "config", "get", "global.index-url"]).strip()
     if configured:
         return configured.rstrip("/") + "/"
-    from pip._internal.models.index import PyPI  # pip's default index, so no host is spelled here
-
+    try:
+        from pip._internal.models.index import PyPI  # pip's default index, so no host is spelled here
+    except ImportError:
+        raise ConfigError(
+            "pip is not installed here: set PIP_INDEX_URL to the package index to compare with"
+        ) from None
     return str(PyPI.simple_url).rstrip("/") + "/"
 
 

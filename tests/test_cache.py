@@ -156,7 +156,9 @@ def test_up_to_date_needs_the_hash_label_and_every_tag_on_one_image() -> None:
     assert results is not None and results[0].status == "up-to-date" and results[0].image_id == "sha256:a"
     other = LocalImage("sha256:b", 10, {contract.CONTENT_HASH: "d" * 64})
     assert build.up_to_date([_job(TAGS)], Snapshot("x", {**snap.tags, TAGS[0]: other})) is None, "alias moved"
-    assert build.up_to_date([_job(TAGS)], Snapshot("x", dict.fromkeys(TAGS[1:], good))) is None, "alias missing"
+    assert build.up_to_date([_job(TAGS)], Snapshot("x", dict.fromkeys(TAGS[1:], good))) is None, (
+        "alias missing"
+    )
     stale = LocalImage("sha256:a", 10, {contract.CONTENT_HASH: "e" * 64})
     assert build.up_to_date([_job(TAGS)], Snapshot("x", dict.fromkeys(TAGS, stale))) is None
     assert build.up_to_date([_job(TAGS)], None) is None, "no snapshot: the full path decides"

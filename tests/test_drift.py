@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from builder import drift
 from builder.errors import NetworkUnreachable
-from builder.knowledge import Knowledge, drift
+from builder.knowledge import Knowledge
 
 FIXTURES = Path(__file__).parent / "fixtures" / "drift"
 INDEX = "https://index.invalid/simple/"

@@ -30,7 +30,8 @@ def command() -> None:
 def check_cmd(as_json: bool, markdown: Path | None) -> None:
     """Compare torch, triton, flash-attn and the stack with the package index, download.pytorch.org
     and flash-attn's GitHub releases; exit 1 on drift."""
-    from builder import drift, load
+    from builder import drift
+    from builder.knowledge import load
 
     report = drift.check(load())
     if markdown is not None:

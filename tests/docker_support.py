@@ -84,7 +84,7 @@ def _clients_on_path() -> list[str]:
     return docker_clients_on_path()
 
 
-def find_client(path: str, empty_config: Path) -> Client:
+def find_client(path: str, empty_config: Path | None = None) -> Client:
     """The client for one BuildKit path, or a skip (a failure when CI requires it)."""
     if path == "buildx":
         preferred = os.environ.get("QWEN_FT_BUILDX_DOCKER")
@@ -93,6 +93,8 @@ def find_client(path: str, empty_config: Path) -> Client:
             if client.run("buildx", "version", timeout=60).returncode == 0:
                 return client
         buildx_unavailable("no docker client with the buildx plugin (ci/setup-host.sh installs it)")
+    assert empty_config is not None, "the builtin path hides ~/.docker/cli-plugins behind an empty config"
+    empty_config.mkdir(parents=True, exist_ok=True)
     preferred = os.environ.get("QWEN_FT_BUILTIN_DOCKER")
     for exe in [preferred] if preferred else _clients_on_path():
         client = Client("builtin", shutil.which(exe) or exe, {"DOCKER_CONFIG": str(empty_config)})
@@ -192,7 +194,7 @@ def docker_engine() -> str:
     return DOCKER
 
 
-def _base_args(wheelhouse: Path) -> tuple[str, ...]:
+def build_options(wheelhouse: Path) -> tuple[str, ...]:
     return (
         "--base-map",
         f"debian:bookworm-slim={BASE_IMAGE}",
@@ -209,7 +211,7 @@ def built_cpu(docker_engine: str, tmp_path_factory: pytest.TempPathFactory) -> I
     tmp = tmp_path_factory.mktemp("cpu-build")
     project = copy_project(tmp / "project")
     wheelhouse = find_wheelhouse(tmp)
-    base_args = _base_args(wheelhouse)
+    base_args = build_options(wheelhouse)
     proc = cli(project, "build", "cpu", *base_args)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((project / "build" / "report.json").read_text())
@@ -245,7 +247,7 @@ def built_via(build_client: Client, tmp_path_factory: pytest.TempPathFactory) ->
     image = session_image("cpu", build_client)
     project = copy_project(tmp / "project", image=image)
     wheelhouse = find_wheelhouse(tmp)
-    base_args = _base_args(wheelhouse)
+    base_args = build_options(wheelhouse)
     proc = cli(project, "build", "cpu", *base_args, client=build_client)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((project / "build" / "report.json").read_text())

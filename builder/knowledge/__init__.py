@@ -15,6 +15,7 @@ import yaml
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
+from builder import contract
 from builder.errors import KnowledgeError
 
 try:  # the C loader is ~10x faster; start-up time matters for `explain`
@@ -192,7 +193,7 @@ class Knowledge:
         """The properties of a compute capability; unknown minors fall back to the major's base."""
         if sm in self.archs:
             return self.archs[sm]
-        same_major = [a for a in self.archs.values() if a.sm // 10 == sm // 10 and a.sm < sm]
+        same_major = [a for a in self.archs.values() if a.sm != sm and contract.runs_on(a.sm, sm)]
         if same_major:
             return max(same_major, key=lambda a: a.sm)
         raise KnowledgeError(f"compute capability sm_{sm} is not in builder/knowledge/gpus.yaml")
@@ -251,7 +252,8 @@ def _word_in(pattern: str, text: str) -> bool:
     return False
 
 
-def _read(name: str) -> dict[str, Any]:
+def read_yaml(name: str) -> dict[str, Any]:
+    """One knowledge file, parsed (every loader in this package reads through here)."""
     text = resources.files("builder.knowledge").joinpath(name).read_text(encoding="utf-8")
     data = yaml.load(text, Loader=_Loader)
     if not isinstance(data, dict):
@@ -268,12 +270,12 @@ def load() -> Knowledge:
     """Load and type-check every knowledge file once per process."""
     try:
         return _build(
-            gpus=_read("gpus.yaml"),
-            torch=_read("torch.yaml"),
-            triton=_read("triton.yaml"),
-            fa=_read("flash_attn.yaml"),
-            cuda=_read("cuda.yaml"),
-            stack=_read("stack.yaml"),
+            gpus=read_yaml("gpus.yaml"),
+            torch=read_yaml("torch.yaml"),
+            triton=read_yaml("triton.yaml"),
+            fa=read_yaml("flash_attn.yaml"),
+            cuda=read_yaml("cuda.yaml"),
+            stack=read_yaml("stack.yaml"),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise KnowledgeError(f"builder/knowledge is malformed: {exc!r}") from exc

@@ -82,10 +82,11 @@ def dry_run(b: Baked, *extra: str) -> tuple[list[str], list[str], str]:
     proc = cli(b.project, "build", "cpu", "--dry-run", *b.args, *extra, client=b.buildx)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    head = lines[0]  # "# cpu-fp32: content hash <12>; tags a, b, c"
+    first = next(i for i, line in enumerate(lines) if line.startswith(f"# {TARGET}:"))
+    head = lines[first]  # "# cpu-fp32: content hash <12>; tags a, b, c"
     short_hash = head.split("content hash ", 1)[1].split(";", 1)[0]
     tags = head.split("; tags ", 1)[1].split(", ")
-    return shlex.split(lines[1]), tags, short_hash
+    return shlex.split(lines[first + 1]), tags, short_hash
 
 
 def flag_values(argv: list[str], flag: str) -> list[str]:

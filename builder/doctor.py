@@ -157,6 +157,7 @@ class Report:
     cpu_run_command: str | None
     diagnoses: tuple[Diagnosis, ...] = ()
     notes: tuple[str, ...] = field(default=())
+    build: str | None = None  # the build path (builder.engine.describe_build_path); None: no docker
 
     @property
     def ok(self) -> bool:
@@ -525,6 +526,7 @@ def report_json(report: Report) -> dict[str, Any]:
             "cpu_arch": h.cpu_arch,
             "docker": h.docker,
             "nvidia_runtime": h.nvidia_runtime,
+            "build": report.build,
             "driver": h.driver,
             "source": h.source,
             "problem": h.problem,
@@ -579,6 +581,8 @@ def render_text(report: Report, *, log_name: str | None = None) -> str:
     out.append(
         f"host     {h.cpu_arch}, docker {h.docker or 'not available'}, NVIDIA container runtime: {runtime}"
     )
+    if report.build is not None:
+        out.append(f"build    {report.build}")
     if h.source == "none":
         out.append(f"GPUs     none found: {h.problem}")
     else:
@@ -687,4 +691,20 @@ def run(
             notes=(*host.notes, f"driver assumed {driver} (detected {detected})"),
         )
     diagnoses = diagnose(log_text, kb, config, cells) if log_text is not None else []
-    return advise(kb, resolution, cells, host, diagnoses)
+    return replace(advise(kb, resolution, cells, host, diagnoses), build=_build_path(runner))
+
+
+def _build_path(runner: Runner | None) -> str | None:
+    """Which BuildKit path `build` would take here, probed through doctor's own runner."""
+    import os
+
+    from builder import hostprobe
+    from builder.engine import describe_build_path
+
+    run = runner or hostprobe.system_runner
+
+    def probe(argv: Sequence[str]) -> tuple[int, str] | None:
+        res = run(argv)
+        return None if res is None else (res.returncode, res.stdout)
+
+    return describe_build_path(os.environ.get("QWEN_FT_DOCKER") or "docker", probe)

@@ -3,8 +3,8 @@
 #
 # Every path and knob can be overridden from the environment.
 
-# The Debian 20.10 client: it has BuildKit built in (DOCKER_BUILDKIT=1), while
-# the 28.x client in /usr/local/bin needs the missing buildx plugin for that.
+# The Debian 20.10 client that comes with the daemon these scripts start: they
+# only run, import, tag and push (no builds), so any client would do.
 QWEN_FT_DOCKER="${QWEN_FT_DOCKER:-/usr/bin/docker}"
 
 QWEN_FT_CI_STATE="${QWEN_FT_CI_STATE:-/var/lib/qwen-ft-ci}"

@@ -402,6 +402,7 @@ def test_json_shape_is_stable(kb: Knowledge, res: resolve.Resolution) -> None:
         "cpu_arch",
         "docker",
         "nvidia_runtime",
+        "build",
         "driver",
         "source",
         "problem",
@@ -415,6 +416,35 @@ def test_json_shape_is_stable(kb: Knowledge, res: resolve.Resolution) -> None:
     assert set(data["cpu"]) == {"image", "tag", "run_command"}
     assert data["host"]["source"] in hostprobe.SOURCES
     json.dumps(data)  # serialisable as is
+
+
+def test_build_path_is_reported(
+    kb: Knowledge, res: resolve.Resolution, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QWEN_FT_DOCKER", "/opt/fake/docker")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    host = smi_host("t4.csv")
+    host.answers["/opt/fake/docker buildx version"] = CmdResult(
+        0, "github.com/docker/buildx v0.13.1 abc\n", ""
+    )
+    report = report_for(kb, res, host)
+    assert report.build == "docker buildx build --load (/opt/fake/docker, buildx v0.13.1)"
+    assert doctor.report_json(report)["host"]["build"] == report.build
+    assert "build    docker buildx build --load (/opt/fake/docker, buildx v0.13.1)\n" in doctor.render_text(
+        report
+    )
+    old = smi_host("t4.csv")
+    old.answers["/opt/fake/docker version --format"] = CmdResult(0, "20.10.24+dfsg1\n", "")
+    old.answers["/opt/fake/docker buildx"] = CmdResult(1, "", "docker: 'buildx' is not a docker command.")
+    assert report_for(kb, res, old).build == (
+        "DOCKER_BUILDKIT=1 docker build (/opt/fake/docker 20.10.24+dfsg1, built-in BuildKit)"
+    )
+    new = smi_host("t4.csv")
+    new.answers["/opt/fake/docker version --format"] = CmdResult(0, "28.2.2\n", "")
+    new.answers["/opt/fake/docker buildx"] = CmdResult(1, "", "docker: 'buildx' is not a docker command.")
+    line = report_for(kb, res, new).build
+    assert line is not None and line.startswith("none: /opt/fake/docker (28.2.2) has no buildx plugin")
+    assert report_for(kb, res, FakeHost({})).build is None, "no docker client: no build line"
 
 
 # ----------------------------------------------------------------------------- log signatures

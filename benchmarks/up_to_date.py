@@ -98,7 +98,9 @@ def main() -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def noop(cli, project: Path, docker: str, env: dict[str, str], build_args: list[str], n: int) -> str:  # type: ignore[no-untyped-def]
+def noop(  # type: ignore[no-untyped-def]
+    cli, project: Path, docker: str, env: dict[str, str], build_args: list[str], n: int
+) -> str:
     cli("build", "cpu", "cpu2", *build_args)  # builds (from BuildKit's cache) or finds them up to date
     samples: list[Sample] = []
     starts = time_command(
@@ -143,7 +145,8 @@ def noop(cli, project: Path, docker: str, env: dict[str, str], build_args: list[
         f"- two images: no-op build - (start-up + inspect of their tags) = "
         f"**{(two.median - starts.median - inspect2.median) * 1000:+.0f} ms** (goal <= 0: one Engine API "
         "request answers for every image)",
-        f"- one image: no-op build / `docker image inspect` of its tags = {one.median / inspect1.median:.2f}x",
+        f"- one image: no-op build / `docker image inspect` of its tags = "
+        f"{one.median / inspect1.median:.2f}x",
     ]
     return "\n".join(lines)
 
@@ -176,7 +179,8 @@ def make_images(project: Path, env: dict[str, str], build_args: list[str], n: in
     lines = ["#### `make images SELECT=cpu`", "", table([first_sample, again], baseline=first_sample)]
     lines += [
         "",
-        f"- up to date: **{fmt(again.median)}** (goal < 2 s), {first / again.median:.0f}x faster than the first run",
+        f"- up to date: **{fmt(again.median)}** (goal < 2 s), "
+        f"{first / again.median:.0f}x faster than the first run",
     ]
     return "\n".join(lines)
 

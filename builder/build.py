@@ -9,45 +9,23 @@ Safety rules this module keeps:
 
 from __future__ import annotations
 
-import json
 import shlex
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from builder import contract
 from builder.content import stage_context
 from builder.contract import qualify
-from builder.engine import BuildRequest, DockerEngine, Engine, Snapshot
+from builder.engine import BuildRequest, DockerEngine, Engine
 from builder.errors import RegistryError
 from builder.jobs import CA_SECRET_ID, BuildJob, BuildOptions
 from builder.project import Project
-
-
-@dataclass
-class ImageResult:
-    image: str
-    status: str = "queued"  # queued | building | built | up-to-date | failed | skipped | interrupted
-    step: str = ""
-    seconds: float = 0.0
-    size: int = 0
-    image_id: str | None = None
-    tags: list[str] = field(default_factory=list)
-    pushed: dict[str, str] = field(default_factory=dict)  # remote ref -> digest
-    failed_step: str | None = None
-    error: str | None = None
-    failed_in: str | None = None  # build | push
-    log: str | None = None
-    started: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return self.status in ("built", "up-to-date")
-
+from builder.record import ImageResult, record
 
 # ----------------------------------------------------------------------------- preparing
 
@@ -241,32 +219,6 @@ def push_image(engine: Engine, job: BuildJob, image_id: str, registry: str, *, f
     return pushed
 
 
-# ----------------------------------------------------------------------------- the no-op path
-
-
-def up_to_date(jobs: Sequence[BuildJob], snapshot: Snapshot | None) -> list[ImageResult] | None:
-    """Every job's result when each is already built with every tag in place, else None.
-
-    One Engine API snapshot answers for all images: an up-to-date `build` then costs no
-    docker SDK, no CLI process and no build; anything else takes the full path.
-    """
-    if snapshot is None:
-        return None
-    results = []
-    for job in jobs:
-        image = snapshot.tags.get(job.hash_ref)
-        if image is None or image.labels.get(contract.CONTENT_HASH) != job.digest:
-            return None
-        if any(snapshot.tags.get(ref) != image for ref in job.tags):
-            return None
-        results.append(
-            ImageResult(
-                image=job.name, status="up-to-date", size=image.size, image_id=image.id, tags=list(job.tags)
-            )
-        )
-    return results
-
-
 # ----------------------------------------------------------------------------- the stage
 
 
@@ -303,33 +255,6 @@ def execute(
     return BuildRun(results, record(project, results, options, engine_version, started))
 
 
-def record(
-    project: Project,
-    results: Sequence[ImageResult],
-    options: BuildOptions,
-    engine_version: str,
-    started: float,
-) -> Path:
-    """build/report.json: this run's images and the options it ran with (credentials redacted)."""
-    meta = {
-        "command": "build",
-        "started": started,
-        "seconds": round(time.time() - started, 2),
-        "engine": engine_version,
-        "options": {
-            "jobs": options.jobs,
-            "push": options.push,
-            "registry": options.registry,
-            "base_map": [f"{a}={b}" for a, b in options.base_map],
-            "wheelhouse": str(options.wheelhouse) if options.wheelhouse else None,
-            "ca_bundle": bool(options.ca_bundle),
-            "http_proxy": redact(options.http_proxy),
-            "https_proxy": redact(options.https_proxy),
-        },
-    }
-    return write_record(project, results, meta)
-
-
 def raise_for_failures(results: Sequence[ImageResult]) -> None:
     """Exit 7 when every failure is the registry's (every image built), else 6."""
     failed = [r for r in results if not r.ok]
@@ -343,31 +268,3 @@ def raise_for_failures(results: Sequence[ImageResult]) -> None:
         f"{len(failed)} of {len(results)} images failed: "
         + "; ".join(f"{r.image} ({r.error}; log {r.log})" for r in failed)
     )
-
-
-# ----------------------------------------------------------------------------- the build record
-
-
-def write_record(project: Project, results: Sequence[ImageResult], meta: Mapping[str, Any]) -> Path:
-    path = project.build / "report.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = {**meta, "images": [_public(asdict(r)) for r in results]}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def _public(d: dict[str, Any]) -> dict[str, Any]:
-    d.pop("started", None)
-    d.pop("step", None)
-    d["seconds"] = round(float(d["seconds"]), 2)
-    return d
-
-
-def redact(url: str | None) -> str | None:
-    """Proxy URLs may carry credentials: keep them out of reports."""
-    if not url or "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.split('@', 1)[1]}"

@@ -9,36 +9,22 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from builder import contract
 from builder.content import content_hash, hash_tag
-from builder.errors import ConfigError, RenderCheckError
+from builder.errors import RenderCheckError
+
+__all__ = ["BuildJob", "BuildOptions", "options_from", "parse_base_map", "plan_jobs"]
 from builder.knowledge import Knowledge
-from builder.options import Settings
+from builder.options import BuildOptions, options_from, parse_base_map
 from builder.project import Project
+from builder.record import Planned
 from builder.resolve import Cell, Resolution
 
 CA_SECRET_ID = "ca_bundle"
-
-
-@dataclass(frozen=True, kw_only=True)
-class BuildOptions:
-    jobs: int = 1
-    fail_fast: bool = False
-    push: bool = False
-    registry: str | None = None
-    force: bool = False
-    base_map: tuple[tuple[str, str], ...] = ()
-    wheelhouse: Path | None = None
-    ca_bundle: Path | None = None
-    http_proxy: str | None = None
-    https_proxy: str | None = None
-    no_proxy: str | None = None
-    network: str | None = None
-    dry_run: bool = False
 
 
 @dataclass(frozen=True)
@@ -59,37 +45,9 @@ class BuildJob:
     def hash_ref(self) -> str:
         return self.tags[-1]
 
-
-def options_from(settings: Settings) -> BuildOptions:
-    """BuildOptions from resolved settings (builder/options.py); --registry "" means none."""
-    return BuildOptions(
-        jobs=settings["jobs"],
-        fail_fast=settings["fail_fast"],
-        push=settings["push"],
-        registry=settings["registry"] or None,
-        force=settings["force"],
-        base_map=parse_base_map(settings["base_map"]),
-        wheelhouse=settings["wheelhouse"],
-        ca_bundle=settings["ca_bundle"],
-        http_proxy=settings["http_proxy"],
-        https_proxy=settings["https_proxy"],
-        no_proxy=settings["no_proxy"],
-        network=settings["network"],
-        dry_run=settings["dry_run"],
-    )
-
-
-def parse_base_map(items: Iterable[str]) -> tuple[tuple[str, str], ...]:
-    rules = []
-    for item in items:
-        pattern, sep, target = item.partition("=")
-        if not sep or not pattern or not target:
-            raise ConfigError(
-                f"--base-map {item!r}: expected PATTERN=REPLACEMENT, "
-                "e.g. 'nvidia/cuda:*=mirror.local/nvidia/cuda:*'"
-            )
-        rules.append((pattern.strip(), target.strip()))
-    return tuple(rules)
+    @property
+    def planned(self) -> Planned:
+        return Planned(self.name, self.digest, self.tags)
 
 
 def map_base(ref: str, rules: Sequence[tuple[str, str]]) -> str:
@@ -161,14 +119,7 @@ def check_committed(project: Project, jobs: Sequence[BuildJob]) -> None:
 
 
 def check_inputs(project: Project, options: BuildOptions) -> None:
-    if options.wheelhouse is not None and not options.wheelhouse.is_dir():
-        raise ConfigError(f"--wheelhouse {options.wheelhouse}: no such folder; create it or drop the option")
-    if options.ca_bundle is not None and not options.ca_bundle.is_file():
-        raise ConfigError(f"--ca-bundle {options.ca_bundle}: no such file; pass a PEM bundle")
-    if not project.runtime.is_dir():
-        raise ConfigError(f"{project.runtime}: runtime/ folder missing; run from the project root")
-    if options.jobs < 1:
-        raise ConfigError("--jobs must be at least 1")
+    options.check(project.runtime)
 
 
 _HASH_TAG = re.compile(r"^(?P<target>[A-Za-z0-9_.-]+)-(?P<digest>[0-9a-f]{12})$")

@@ -11,13 +11,12 @@ own build output, as trusted as the project itself.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-import pickle
-import tempfile
 from collections.abc import Callable, Iterable
 from functools import cache
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 _FORMAT = b"qwen-ft-memo-1"
@@ -59,8 +58,35 @@ def tree_stamp(root: Path) -> str:
     return digest(parts)
 
 
+def _write(path: Path, data: bytes) -> None:
+    import tempfile
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem[:12]}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        Path(tmp).replace(path)
+    except OSError:
+        pass  # a read-only or full build/ only costs speed
+
+
+def read_json(folder: Path, key: str) -> Any:
+    """A plain-data entry (no pickle: the no-op path must not import the classes), or None."""
+    try:
+        return json.loads((folder / f"{key}.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(folder: Path, key: str, value: Any) -> None:
+    _write(folder / f"{key}.json", json.dumps(value).encode())
+
+
 def cached(folder: Path, key: str, compute: Callable[[], T]) -> T:
     """The stored value for key, or compute() stored under it."""
+    import pickle
+
     path = folder / f"{key}.pickle"
     try:
         with path.open("rb") as f:
@@ -71,12 +97,5 @@ def cached(folder: Path, key: str, compute: Callable[[], T]) -> T:
     except Exception:
         path.unlink(missing_ok=True)
     value = compute()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{key[:12]}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL)
-        Path(tmp).replace(path)
-    except OSError:
-        pass  # a read-only or full build/ only costs speed
+    _write(path, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
     return value

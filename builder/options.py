@@ -14,6 +14,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
+from builder.errors import ConfigError
+
 Kind = Literal["str", "path", "int", "float", "flag", "multi"]
 
 
@@ -90,6 +92,70 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 BY_NAME: Mapping[str, Option] = MappingProxyType({o.name: o for o in OPTIONS})
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildOptions:
+    jobs: int = 1
+    fail_fast: bool = False
+    push: bool = False
+    registry: str | None = None
+    force: bool = False
+    base_map: tuple[tuple[str, str], ...] = ()
+    wheelhouse: Path | None = None
+    ca_bundle: Path | None = None
+    http_proxy: str | None = None
+    https_proxy: str | None = None
+    no_proxy: str | None = None
+    network: str | None = None
+    dry_run: bool = False
+
+    def check(self, runtime: Path) -> None:
+        _check(self, runtime)
+
+
+def _check(options: BuildOptions, runtime: Path) -> None:
+    """Bad build inputs, in one line each, before anything runs."""
+    if options.wheelhouse is not None and not options.wheelhouse.is_dir():
+        raise ConfigError(f"--wheelhouse {options.wheelhouse}: no such folder; create it or drop the option")
+    if options.ca_bundle is not None and not options.ca_bundle.is_file():
+        raise ConfigError(f"--ca-bundle {options.ca_bundle}: no such file; pass a PEM bundle")
+    if not runtime.is_dir():
+        raise ConfigError(f"{runtime}: runtime/ folder missing; run from the project root")
+    if options.jobs < 1:
+        raise ConfigError("--jobs must be at least 1")
+
+
+def options_from(settings: Settings) -> BuildOptions:
+    """BuildOptions from resolved settings (builder/options.py); --registry "" means none."""
+    return BuildOptions(
+        jobs=settings["jobs"],
+        fail_fast=settings["fail_fast"],
+        push=settings["push"],
+        registry=settings["registry"] or None,
+        force=settings["force"],
+        base_map=parse_base_map(settings["base_map"]),
+        wheelhouse=settings["wheelhouse"],
+        ca_bundle=settings["ca_bundle"],
+        http_proxy=settings["http_proxy"],
+        https_proxy=settings["https_proxy"],
+        no_proxy=settings["no_proxy"],
+        network=settings["network"],
+        dry_run=settings["dry_run"],
+    )
+
+
+def parse_base_map(items: Iterable[str]) -> tuple[tuple[str, str], ...]:
+    rules = []
+    for item in items:
+        pattern, sep, target = item.partition("=")
+        if not sep or not pattern or not target:
+            raise ConfigError(
+                f"--base-map {item!r}: expected PATTERN=REPLACEMENT, "
+                "e.g. 'nvidia/cuda:*=mirror.local/nvidia/cuda:*'"
+            )
+        rules.append((pattern.strip(), target.strip()))
+    return tuple(rules)
 
 
 @dataclass(frozen=True)

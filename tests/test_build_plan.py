@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from builder import build, config, content, knowledge, resolve
+from builder import build, config, content, knowledge, record, resolve
 from builder import jobs as jobplan
 from builder.content import content_hash
 from builder.contract import CONTENT_HASH as HASH_LABEL
@@ -229,8 +229,8 @@ def test_error_summaries() -> None:
 
 
 def test_redact_proxy_credentials() -> None:
-    assert build.redact("http://user:pw@proxy:3128") == "http://***@proxy:3128"
-    assert build.redact("http://proxy:3128") == "http://proxy:3128"
+    assert record.redact("http://user:pw@proxy:3128") == "http://***@proxy:3128"
+    assert record.redact("http://proxy:3128") == "http://proxy:3128"
 
 
 class _OldClient:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from test_smoke import CONTRACT_TRITON, CPU_LABELS, FakeEngine, out, run_cli
 
-from builder import build, config, contract, knowledge, resolve, smoke
+from builder import config, contract, knowledge, record, resolve, smoke
 from builder.engine import LocalImage, Snapshot
 from builder.hostprobe import GpuInfo
 from builder.jobs import BuildJob
@@ -152,16 +152,18 @@ TAGS = ("qwen-ft:cpu-fp32", "qwen-ft:cpu-fp32-torch2.13.0-py3.11", "qwen-ft:cpu-
 def test_up_to_date_needs_the_hash_label_and_every_tag_on_one_image() -> None:
     good = LocalImage("sha256:a", 10, {contract.CONTENT_HASH: "d" * 64})
     snap = Snapshot("20.10.24", dict.fromkeys(TAGS, good))
-    results = build.up_to_date([_job(TAGS)], snap)
+    results = record.up_to_date([_job(TAGS).planned], snap)
     assert results is not None and results[0].status == "up-to-date" and results[0].image_id == "sha256:a"
     other = LocalImage("sha256:b", 10, {contract.CONTENT_HASH: "d" * 64})
-    assert build.up_to_date([_job(TAGS)], Snapshot("x", {**snap.tags, TAGS[0]: other})) is None, "alias moved"
-    assert build.up_to_date([_job(TAGS)], Snapshot("x", dict.fromkeys(TAGS[1:], good))) is None, (
+    assert record.up_to_date([_job(TAGS).planned], Snapshot("x", {**snap.tags, TAGS[0]: other})) is None, (
+        "alias moved"
+    )
+    assert record.up_to_date([_job(TAGS).planned], Snapshot("x", dict.fromkeys(TAGS[1:], good))) is None, (
         "alias missing"
     )
     stale = LocalImage("sha256:a", 10, {contract.CONTENT_HASH: "e" * 64})
-    assert build.up_to_date([_job(TAGS)], Snapshot("x", dict.fromkeys(TAGS, stale))) is None
-    assert build.up_to_date([_job(TAGS)], None) is None, "no snapshot: the full path decides"
+    assert record.up_to_date([_job(TAGS).planned], Snapshot("x", dict.fromkeys(TAGS, stale))) is None
+    assert record.up_to_date([_job(TAGS).planned], None) is None, "no snapshot: the full path decides"
 
 
 @pytest.mark.parametrize("host", ["tcp://127.0.0.1:2375", "ssh://me@box"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import click
 
 from builder.commands.common import Context, option
@@ -43,30 +45,31 @@ BUILD_OPTIONS = (
 @click.pass_obj
 def build(obj: Context, /, selectors: tuple[str, ...], **cli: object) -> None:
     """Build (and tag, and optionally push) the selected images; none selected means all."""
-    import time
+    from builder import options as opts
 
+    started = time.time()
+    noop_key = None if cli.get("dry_run") or cli.get("push") else obj.noop_key("build", selectors, cli)
+    if noop_key is not None and _already_built(obj, noop_key, cli, started):
+        return
     from builder import build as building
     from builder import jobs, resolve
-    from builder.engine import CommandLog, DockerEngine, local_snapshot
+    from builder.engine import CommandLog, DockerEngine
     from builder.errors import ConfigError
 
     cfg, kb, res = obj.load()
     settings = obj.settings(cli, BUILD_OPTIONS, cfg)
-    options = jobs.options_from(settings)
+    options = opts.options_from(settings)
     if options.push and not options.registry:
         raise ConfigError("--push needs --registry HOST[:PORT]/NAMESPACE (or registry: in matrix.yaml)")
     project = obj.project
     jobs.check_inputs(project, options)
     plan = obj.jobs(res, kb, resolve.select(res, selectors), options)
-    if not options.dry_run and not options.push:
-        started = time.time()
-        snapshot = local_snapshot(cfg.image)
-        fresh = building.up_to_date(plan, snapshot)
-        if fresh is not None and snapshot is not None:
-            for r in fresh:
-                click.echo(f"{r.image}: up-to-date ({(r.image_id or '')[:19]}, {r.tags[-1]})", err=True)
-            path = building.record(project, fresh, options, snapshot.engine_version, started)
-            click.echo(f"report: {path.relative_to(project.root)}", err=True)
+    if noop_key is not None:
+        obj.remember(
+            noop_key,
+            {"image": cfg.image, "registry": cfg.registry, "jobs": [j.planned.as_json() for j in plan]},
+        )
+        if _already_built(obj, noop_key, cli, started):
             return
     if options.dry_run:
         for line in settings.lines():
@@ -82,6 +85,31 @@ def build(obj: Context, /, selectors: tuple[str, ...], **cli: object) -> None:
     summary(done.results)
     click.echo(f"report: {done.record.relative_to(project.root)}", err=True)
     building.raise_for_failures(done.results)
+
+
+def _already_built(obj: Context, key: str, cli: dict[str, object], started: float) -> bool:
+    """The no-op path: the jobs of an earlier identical call, checked against one Engine API
+    snapshot. True (and the build record written) when every image is built and tagged."""
+    from builder import options as opts
+    from builder import record
+    from builder.engine import local_snapshot
+
+    known = obj.recall(key)
+    if known is None:
+        return False
+    snapshot = local_snapshot(str(known["image"]))
+    fresh = record.up_to_date([record.Planned.from_json(j) for j in known["jobs"]], snapshot)
+    if fresh is None or snapshot is None:
+        return False
+    settings = opts.resolve(BUILD_OPTIONS, cli, obj.environ, {"registry": known["registry"] or None})
+    project = obj.project
+    options = opts.options_from(settings)
+    options.check(project.runtime)
+    for r in fresh:
+        click.echo(f"{r.image}: up-to-date ({(r.image_id or '')[:19]}, {r.tags[-1]})", err=True)
+    path = record.record(project, fresh, options, snapshot.engine_version, started)
+    click.echo(f"report: {path.relative_to(project.root)}", err=True)
+    return True
 
 
 @click.command("prune")

@@ -57,6 +57,38 @@ class Context:
             return None  # config.load says what is wrong
         return memo.digest(["load", memo.builder_sources(), str(self.matrix_path.resolve()), text])
 
+    @property
+    def environ(self) -> Mapping[str, str]:
+        return os.environ
+
+    def noop_key(self, command: str, selectors: Sequence[str], cli: Mapping[str, Any]) -> str | None:
+        """The key of a no-op answer: the resolution's inputs, the runtime/ tree, the selectors
+        and the options that change what is built (base maps)."""
+        from builder import memo
+
+        key = self._load_key()
+        if key is None or not self.project.runtime.is_dir():
+            return None
+        parts = [
+            command,
+            key,
+            memo.tree_stamp(self.project.runtime),
+            *selectors,
+            "\0",
+            repr(cli.get("base_map")),
+        ]
+        return memo.digest(["noop", *parts])
+
+    def recall(self, key: str) -> Any:
+        from builder import memo
+
+        return memo.read_json(self.project.memo, key)
+
+    def remember(self, key: str, value: Any) -> None:
+        from builder import memo
+
+        memo.write_json(self.project.memo, key, value)
+
     def jobs(
         self, res: Resolution, kb: Knowledge, cells: Sequence[Cell], options: BuildOptions
     ) -> list[BuildJob]:

@@ -33,6 +33,9 @@ def cell_json(cell: Verdict) -> dict[str, Any]:
         "reasons": [reason_json(r) for r in cell.reasons],
         "notes": [reason_json(r) for r in cell.notes],
         "filled": list(cell.filled),  # axes explain completed itself (the rest were given)
+        "platforms": list(cell.platforms),
+        # the target's other platforms: why this image is not built for them
+        "platform_reasons": {p: [reason_json(r) for r in rs] for p, rs in cell.platform_reasons},
     }
     if cell.blocking:
         out["blocking"] = list(cell.blocking)
@@ -107,7 +110,7 @@ def explain_text(d: dict[str, Any]) -> str:
     head = f"{d['target']} (sm_{d['sm']})" if d["sm"] else d["target"]
     lines = [
         f"{head}: cuda {cell['cuda']}, torch {cell['torch']}, python {cell['python']}, "
-        f"flash-attn {cell['flash_attn']}, {cell['dtype']}"
+        f"flash-attn {cell['flash_attn']}, {cell['dtype']}, platform {', '.join(d.get('platforms', []))}"
     ]
     filled = d.get("filled") or []
     if filled and d["valid"]:
@@ -140,4 +143,7 @@ def explain_text(d: dict[str, Any]) -> str:
     ]
     lines += [f"  {k:<21} {v}" for k, v in rows if v]
     lines += [f"  note: {n['message']}" for n in d["notes"]]
+    for platform, reasons in (d.get("platform_reasons") or {}).items():
+        for r in reasons:
+            lines.append(f"  not {platform}: [{r['rule']}] {r['message']}\n      source: {r['source']}")
     return "\n".join(lines) + "\n"

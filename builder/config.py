@@ -26,11 +26,16 @@ except ImportError:  # pragma: no cover
 
 AXES = ("cuda", "torch", "python", "flash_attn")
 DTYPES = ("bf16", "fp16", "fp32")
+# OCI platforms an image can be built for; the knowledge base says what each can run
+# (builder/knowledge/platforms.yaml). linux/amd64 alone is the default: the axis is opt-in.
+PLATFORMS = ("linux/amd64", "linux/arm64")
+DEFAULT_PLATFORMS = ("linux/amd64",)
 
 _VERSION = {"type": "string", "pattern": r"^\d+(\.\d+)*([.-]?post\d+)?$", "x-version": True}
 _CUDA = {"type": "string", "pattern": r"^(\d+\.\d+|none)$", "x-version": True}
 _PYTHON = {"type": "string", "pattern": r"^3\.\d+$", "x-version": True}
 _FA = {"type": "string", "pattern": r"^(\d+(\.\d+)*(\.post\d+)?|none)$", "x-version": True}
+_PLATFORM = {"enum": list(PLATFORMS), "description": "An OCI platform: linux/amd64 or linux/arm64 (Grace)."}
 
 
 def _list_of(item: dict[str, Any], description: str) -> dict[str, Any]:
@@ -46,6 +51,12 @@ _AXES_SCHEMA: dict[str, Any] = {
         "torch": _list_of(_VERSION, 'torch releases, e.g. "2.8.0".'),
         "python": _list_of(_PYTHON, 'Python versions, e.g. "3.10". Each maps to a base OS.'),
         "flash_attn": _list_of(_FA, 'flash-attn releases, or "none".'),
+        "platform": {
+            **_list_of(
+                _PLATFORM, "Platforms to build, e.g. [linux/amd64, linux/arm64]; default [linux/amd64]."
+            ),
+            "uniqueItems": True,
+        },
     },
 }
 
@@ -169,6 +180,7 @@ class Axes:
     torch: tuple[str, ...]
     python: tuple[str, ...]
     flash_attn: tuple[str, ...]
+    platform: tuple[str, ...] = DEFAULT_PLATFORMS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -218,6 +230,7 @@ DEFAULT_AXES = Axes(
     torch=("2.8.0", "2.13.0"),
     python=("3.10", "3.12"),
     flash_attn=("2.8.3", "none"),
+    platform=DEFAULT_PLATFORMS,
 )
 
 # ----------------------------------------------------------------------------- loading
@@ -271,6 +284,8 @@ def _validate(node: Any, schema: Mapping[str, Any], ypath: str, path: Path) -> N
     elif isinstance(node, list):
         if len(node) < schema.get("minItems", 0):
             raise ConfigError(f"{_where(path, ypath)}: the list is empty; give at least one value")
+        if schema.get("uniqueItems") and len({json.dumps(i, sort_keys=True) for i in node}) != len(node):
+            raise ConfigError(f"{_where(path, ypath)}: lists a value twice; give each value once")
         for i, item in enumerate(node):
             _validate(item, schema.get("items", {}), f"{ypath}[{i}]", path)
     elif isinstance(node, dict):
@@ -364,6 +379,7 @@ def _axes(raw: Mapping[str, Any] | None, base: Axes) -> Axes:
         torch=tuple(raw.get("torch", base.torch)),
         python=tuple(raw.get("python", base.python)),
         flash_attn=tuple(raw.get("flash_attn", base.flash_attn)),
+        platform=tuple(raw.get("platform", base.platform)),
     )
 
 
@@ -386,6 +402,7 @@ def _freeze(data: Mapping[str, Any], path: Path) -> MatrixConfig:
                 torch=target_axes.torch,
                 python=target_axes.python,
                 flash_attn=("none",),
+                platform=target_axes.platform,
             )
         rec = raw.get("recommended")
         targets[name] = TargetConfig(

@@ -75,6 +75,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("https_proxy", ("--https-proxy",), "Proxy for the build only (never stored in the image)."),
     Option("no_proxy", ("--no-proxy",), "Hosts that bypass the proxies."),
     Option("network", ("--network",), "Build network mode, e.g. host."),
+    Option(
+        "platform",
+        ("--platform",),
+        "Platforms to build, comma-separated (linux/amd64,linux/arm64); each selected image is "
+        "built for those of its own platforms. Default: every platform of each image.",
+        env="QWEN_FT_PLATFORM",
+        metavar="OS/ARCH[,OS/ARCH]",
+    ),
     Option("jobs", ("-j", "--jobs"), "Images to build in parallel.", kind="int", default=1),
     Option("fail_fast", ("--fail-fast",), "Stop starting new builds after the first failure.", kind="flag"),
     Option("push", ("--push",), "Push to --registry, then pull back to verify digests.", kind="flag"),
@@ -109,6 +117,7 @@ class BuildOptions:
     no_proxy: str | None = None
     network: str | None = None
     dry_run: bool = False
+    platforms: tuple[str, ...] = ()  # () means every platform of each image
 
     def check(self, runtime: Path) -> None:
         _check(self, runtime)
@@ -142,7 +151,27 @@ def options_from(settings: Settings) -> BuildOptions:
         no_proxy=settings["no_proxy"],
         network=settings["network"],
         dry_run=settings["dry_run"],
+        platforms=parse_platforms(settings.values.get("platform")),
     )
+
+
+def parse_platforms(text: str | None) -> tuple[str, ...]:
+    """'linux/amd64,linux/arm64' -> a tuple; a name outside config.PLATFORMS is one clear error."""
+    from builder.config import PLATFORMS
+
+    if not text:
+        return ()
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    for name in names:
+        if name not in PLATFORMS:
+            import difflib
+
+            close = difflib.get_close_matches(name, PLATFORMS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"--platform {name!r} is not a platform{hint} (known: {', '.join(PLATFORMS)})")
+    if not names:
+        raise ConfigError("--platform is empty; give e.g. linux/amd64,linux/arm64")
+    return names
 
 
 def parse_base_map(items: Iterable[str]) -> tuple[tuple[str, str], ...]:

@@ -23,6 +23,10 @@ from builder import contract
 from builder.config import CellSpec, MatrixConfig, TargetConfig
 from builder.errors import ConfigError
 from builder.knowledge import Distro, FlashAttnRelease, Knowledge, Mislabelled, TorchRelease
+from builder.knowledge import platforms as platform_facts
+from builder.knowledge.platforms import AARCH64
+
+DEFAULT_PLATFORM = "linux/amd64"
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,18 @@ class _Verdict:
     notes: tuple[Reason, ...] = field(default=(), kw_only=True)
     filled: tuple[str, ...] = field(default=(), kw_only=True)  # axes `explain` chose, not the user
     blocking: tuple[str, ...] = field(default=(), kw_only=True)  # given axes no completion can keep
+    # The platforms this image is built for (a Cell) or was checked for (a Rejected); the
+    # target's other platforms are in `platform_reasons` with why they got another image or none.
+    platforms: tuple[str, ...] = field(default=(DEFAULT_PLATFORM,), kw_only=True)
+    platform_reasons: tuple[tuple[str, tuple[Reason, ...]], ...] = field(default=(), kw_only=True)
+
+    @property
+    def suffix(self) -> str:
+        """'' for an image that includes linux/amd64, else '-arm64': images and ids stay distinct
+        when a platform's recommended image is another stack (same alias, another cell)."""
+        if DEFAULT_PLATFORM in self.platforms:
+            return ""
+        return "-" + "-".join(p.split("/", 1)[1] for p in self.platforms)
 
     @property
     def alias(self) -> str:
@@ -108,7 +124,7 @@ class Cell(_Verdict):
     @property
     def id(self) -> str:
         """Stable, readable id; also the folder name under images/."""
-        return self.alias if self.recommended else self.pinned
+        return (self.alias if self.recommended else self.pinned) + self.suffix
 
 
 @dataclass(frozen=True)
@@ -122,7 +138,7 @@ class Rejected(_Verdict):
 
     @property
     def id(self) -> str:
-        return self.pinned
+        return self.pinned + self.suffix
 
 
 Verdict = Cell | Rejected
@@ -136,10 +152,15 @@ class Query:
     spec: CellSpec
     dtype: str
     hints: bool = True  # whether reasons may propose other values (each one is checked first)
+    platform: str = DEFAULT_PLATFORM
 
     @property
     def sm(self) -> int | None:
         return self.target.sm
+
+    @property
+    def arm64(self) -> bool:
+        return self.platform == AARCH64
 
     @property
     def variant(self) -> str:
@@ -488,6 +509,91 @@ def note_fa_wheels_unknown(kb: Knowledge, q: Query) -> list[Reason]:
     ]
 
 
+def _aarch64_torch(q: Query) -> tuple[str | None, str]:
+    """(PyPI's aarch64 build of the cell's torch: 'cpu', a CUDA version or None, its source)."""
+    facts = platform_facts.load()
+    row = facts.aarch64_build(q.spec.torch)
+    return (row.build, row.source) if row else (None, "builder/knowledge/platforms.yaml torch_aarch64")
+
+
+def rule_platform_torch(kb: Knowledge, q: Query) -> list[Reason]:
+    """On linux/arm64 the torch wheel must exist for aarch64 in the cell's variant. Only PyPI's
+    aarch64 builds are verified; the torch index's aarch64 files could not be read."""
+    if not q.arm64:
+        return []
+    facts = platform_facts.load()
+    build, source = _aarch64_torch(q)
+    want = "cpu" if q.target.is_cpu else q.spec.cuda
+    if build == want:
+        return []
+    if build is None:
+        have = "no aarch64 build of it is recorded"
+    else:
+        have = f"PyPI's aarch64 wheel of it is a {'CPU' if build == 'cpu' else 'CUDA ' + build} build"
+    cpu_rows = [r for r in facts.aarch64_pypi if r.build == "cpu"]
+    if q.target.is_cpu and cpu_rows:
+        fix = f"use a torch in {cpu_rows[-1].torch} for a CPU image on arm64"
+    elif build and build != "cpu" and not q.target.is_cpu:
+        fix = f"use cuda {build} on arm64"
+    else:
+        fix = "use a torch release whose PyPI aarch64 build matches"
+    index = "" if facts.aarch64_index_verified else " (the torch index's aarch64 files are not verified)"
+    return [
+        Reason(
+            "platform-torch-wheel",
+            f"linux/arm64: torch {q.spec.torch} {_variant_name(q.variant)} has no verified aarch64 wheel: "
+            f"{have}{index}; {fix}",
+            source,
+        )
+    ]
+
+
+def rule_platform_sm(kb: Knowledge, q: Query) -> list[Reason]:
+    """The aarch64 CUDA wheel carries its own arch list (sm_80 and up), not the x86_64 one."""
+    if not q.arm64 or q.sm is None:
+        return []
+    facts = platform_facts.load()
+    row = facts.aarch64_build(q.spec.torch)
+    if row is None or row.build != q.spec.cuda or any(contract.runs_on(c, q.sm) for c in row.sm):
+        return []
+    have = ", ".join(f"sm_{c}" for c in row.sm)
+    return [
+        Reason(
+            "platform-torch-arch",
+            f"linux/arm64: torch {q.spec.torch}'s aarch64 wheel carries {have}, nothing that runs on "
+            f"sm_{q.sm} ({q.target.name}); build this target for linux/amd64 only",
+            row.source,
+        )
+    ]
+
+
+def rule_platform_triton(kb: Knowledge, q: Query) -> list[Reason]:
+    """Triton publishes aarch64 wheels only from 3.5.0: an older pin cannot be installed there."""
+    if not q.arm64 or q.sm is None:
+        return []
+    facts = platform_facts.load()
+    triton, version, _, _ = _triton_decision(kb, q.target, q.spec, kb.torch[q.spec.torch])
+    if triton != "keep" or version is None or Version(version) >= Version(facts.triton_aarch64_min):
+        return []
+    return [
+        Reason(
+            "platform-triton",
+            f"linux/arm64: triton {version} has no aarch64 wheel (first: {facts.triton_aarch64_min}); "
+            "set triton: remove or use a newer torch",
+            facts.triton_aarch64_source,
+        )
+    ]
+
+
+def rule_platform_base(kb: Knowledge, q: Query) -> list[Reason]:
+    if not q.arm64 or q.sm is None:
+        return []
+    facts = platform_facts.load()
+    if facts.cuda_images_arm64:
+        return []
+    return [Reason("platform-base", "linux/arm64: no nvidia/cuda arm64 tag", facts.cuda_images_source)]
+
+
 Rule = Callable[[Knowledge, Query], list[Reason]]
 
 # Stages run in order; a stage whose reasons include a gate rule ends the check, since
@@ -507,10 +613,32 @@ STAGES: tuple[tuple[Rule, ...], ...] = (
         rule_flash_attn_runtime_sm,
         rule_flash_attn_compiled_sm,
         rule_stack,
+        rule_platform_torch,
+        rule_platform_sm,
+        rule_platform_triton,
+        rule_platform_base,
     ),
 )
 GATES = frozenset({"torch-unknown", "gpu-no-cuda", "cuda-unknown"})
+
+
+def note_fa_platform(kb: Knowledge, q: Query) -> list[Reason]:
+    fa = kb.flash_attn.get(q.spec.flash_attn)
+    facts = platform_facts.load()
+    if fa is None or not q.arm64 or q.sm is None or facts.fa_aarch64_wheels:
+        return []
+    return [
+        Reason(
+            "flash-attn-aarch64",
+            f"linux/arm64: flash-attn {fa.version} has no aarch64 wheel, so it is compiled from source "
+            f"for sm_{q.sm} only, with MAX_JOBS from the builder's memory",
+            facts.fa_aarch64_source,
+        )
+    ]
+
+
 NOTES: tuple[Rule, ...] = (
+    note_fa_platform,
     note_arch_conflict,
     note_fa_without_triton,
     note_fa_wheel_abi,
@@ -685,10 +813,11 @@ def _fa_plan(
     fa: FlashAttnRelease,
     release: TorchRelease,
     distro: Distro,
+    platform: str = DEFAULT_PLATFORM,
 ) -> tuple[FlashAttnPlan | None, Reason | None]:
     assert target.sm is not None
     cuda_major = spec.cuda.split(".")[0]
-    strategy, filename, _ = _fa_choice(kb, Query(target, spec, ""), fa)
+    strategy, filename, _ = _fa_choice(kb, Query(target, spec, "", platform=platform), fa)
     if strategy == "wheel" and filename:
         url = kb.fa_wheel_url.format(version=fa.version, filename=filename)
         return FlashAttnPlan("wheel", fa.version, url, None, None), None
@@ -720,6 +849,8 @@ def _fa_choice(kb: Knowledge, q: Query, fa: FlashAttnRelease) -> tuple[str, str 
     """("wheel", its filename, None) when a correctly built prebuilt wheel fits the cell, else
     ("source", None, the mislabelled wheel that was passed over or None)."""
     spec = q.spec
+    if q.arm64 and not platform_facts.load().fa_aarch64_wheels:
+        return "source", None, None
     release = kb.torch[spec.torch]
     tv = Version(spec.torch)
     torch_mm = f"{tv.major}.{tv.minor}"
@@ -755,18 +886,20 @@ def check(
     dtype: str | None = None,
     origin: str,
     hints: bool = True,
+    platform: str = DEFAULT_PLATFORM,
 ) -> Verdict:
     """Run every rule on one cell; return it with its plan, or rejected with all its reasons."""
     want = dtype or (target.dtype if target.dtype != "auto" else default_dtype(kb, target.sm))
-    q = Query(target, spec, want, hints)
+    q = Query(target, spec, want, hints, platform)
+    on = (platform,)
     found = reasons(kb, q)
     if found:
-        return Rejected(spec, target.sm, want, origin, reasons=tuple(found))
+        return Rejected(spec, target.sm, want, origin, reasons=tuple(found), platforms=on)
     plan, problem = _plan(kb, q)
     if problem is not None or plan is None:
-        return Rejected(spec, target.sm, want, origin, reasons=(problem,) if problem else ())
+        return Rejected(spec, target.sm, want, origin, reasons=(problem,) if problem else (), platforms=on)
     notes = tuple(n for note in NOTES for n in note(kb, q))
-    return Cell(spec, target.sm, want, origin, notes=notes, plan=plan)
+    return Cell(spec, target.sm, want, origin, notes=notes, plan=plan, platforms=on)
 
 
 def _plan(kb: Knowledge, q: Query) -> tuple[Plan | None, Reason | None]:
@@ -778,7 +911,7 @@ def _plan(kb: Knowledge, q: Query) -> tuple[Plan | None, Reason | None]:
     fa_plan = FlashAttnPlan("none", None, None, None, None)
     fa = kb.flash_attn.get(spec.flash_attn)
     if fa is not None:
-        planned, problem = _fa_plan(kb, target, spec, fa, release, distro)
+        planned, problem = _fa_plan(kb, target, spec, fa, release, distro, q.platform)
         if problem or planned is None:
             return None, problem
         fa_plan = planned
@@ -800,7 +933,9 @@ def _plan(kb: Knowledge, q: Query) -> tuple[Plan | None, Reason | None]:
         arch_list_str = f"{sm // 10}.{sm % 10}"
     triton, triton_version, triton_why, _ = _triton_decision(kb, target, spec, release)
     triton_pin = f"triton=={triton_version}" if triton == "keep" and release.triton.is_range else None
-    is_default = q.variant == release.pypi_default
+    # What plain `pip install torch==X` gets on this platform: PyPI's build of the release.
+    pypi_build = (_aarch64_torch(q)[0] if q.arm64 else None) or release.pypi_default
+    is_default = q.variant == pypi_build
     name = _variant_name(q.variant)
     torch_plan = TorchPlan(
         version=spec.torch,
@@ -1014,56 +1149,140 @@ def search(
     accept: Callable[[Cell], bool] = lambda c: True,
     dtype: str | None = None,
     origin: str = "search",
+    platform: str = DEFAULT_PLATFORM,
 ) -> Cell | None:
     """The best valid cell among `specs` that `accept` takes: the one search every caller uses
     (recommended cells, doctor's driver fallback, explain's completion of unspecified axes)."""
     # Only valid cells come back, so rejected ones need no hints (each hint is a check).
-    return best(kb, (check(kb, target, s, dtype=dtype, origin=origin, hints=False) for s in specs), accept)
+    return best(
+        kb,
+        (check(kb, target, s, dtype=dtype, origin=origin, hints=False, platform=platform) for s in specs),
+        accept,
+    )
+
+
+def _merge(verdicts: Sequence[Cell]) -> list[Cell]:
+    """One image per distinct (spec, plan): a stack that is the same on several platforms is one
+    image (one Dockerfile, one manifest list); a platform whose plan differs gets its own."""
+    merged: list[Cell] = []
+    for cell in verdicts:
+        for i, have in enumerate(merged):
+            if have.spec.key() == cell.spec.key() and have.plan == cell.plan:
+                merged[i] = replace(have, platforms=(*have.platforms, *cell.platforms))
+                break
+        else:
+            merged.append(cell)
+    return merged
+
+
+def _platform_reasons(
+    image: Cell,
+    platforms: Sequence[str],
+    chosen: Mapping[str, Cell],
+    rejected: Mapping[tuple[str, str], Verdict],
+) -> tuple[tuple[str, tuple[Reason, ...]], ...]:
+    """For each platform of the target this image is not built for: why (another image there, or
+    the reasons this stack is invalid there)."""
+    out = []
+    for platform in platforms:
+        if platform in image.platforms:
+            continue
+        other = chosen.get(platform)
+        why: tuple[Reason, ...]
+        if other is not None and other.spec.key() != image.spec.key():
+            why = (
+                Reason(
+                    "platform-other-image",
+                    f"{platform} gets {other.pinned} instead (its recommended image, same alias)",
+                    "README 'Platforms'",
+                ),
+            )
+        else:
+            bad = rejected.get((platform, image.pinned))
+            why = bad.reasons if bad is not None else ()
+            if not why and other is not None:
+                why = (
+                    Reason(
+                        "platform-plan-differs",
+                        f"{platform} builds this stack differently, so it is a separate image ({other.id})",
+                        "README 'Platforms'",
+                    ),
+                )
+        if why:
+            out.append((platform, why))
+    return tuple(out)
 
 
 def resolve_target(config: MatrixConfig, kb: Knowledge, name: str) -> tuple[list[Cell], list[Verdict]]:
-    """One target's images (recommended first) and its excluded cells."""
+    """One target's images (recommended first) and its excluded cells, for each of its platforms."""
     target = config.targets[name]
+    platforms = target.axes.platform
     excluded: list[Verdict] = []
-    candidates: list[Cell] = []
+    candidates: dict[str, list[Cell]] = {p: [] for p in platforms}
+    rejected: dict[tuple[str, str], Verdict] = {}
     space = Space(target.axes.cuda, target.axes.torch, target.axes.python, target.axes.flash_attn)
-    for spec in space.specs(name):
-        if any(_matches(rule, spec) for rule in config.exclude):
+    specs = [s for s in space.specs(name) if not any(_matches(rule, s) for rule in config.exclude)]
+    for platform in platforms:
+        for spec in specs:
+            cell = check(kb, target, spec, origin="axes", platform=platform)
+            if isinstance(cell, Cell):
+                candidates[platform].append(cell)
+            else:
+                excluded.append(cell)
+                rejected[(platform, cell.pinned)] = cell
+    chosen: dict[str, Cell] = {}
+    for platform in platforms:
+        if target.recommended is not None:
+            pin = check(kb, target, target.recommended, origin="pin", platform=platform)
+            if isinstance(pin, Cell):
+                chosen[platform] = pin
+            elif platform == platforms[0] or len(platforms) == 1:
+                why = "; ".join(r.message for r in pin.reasons)
+                raise ConfigError(f"{config.path}: targets.{name}.recommended is invalid: {why}")
+            else:
+                rejected[(platform, pin.pinned)] = pin
             continue
-        cell = check(kb, target, spec, origin="axes")
-        if isinstance(cell, Cell):
-            candidates.append(cell)
-        else:
-            excluded.append(cell)
-    chosen: Cell | None
-    if target.recommended is not None:
-        pin = check(kb, target, target.recommended, origin="pin")
-        if not isinstance(pin, Cell):
-            why = "; ".join(r.message for r in pin.reasons)
-            raise ConfigError(f"{config.path}: targets.{name}.recommended is invalid: {why}")
-        chosen = pin
-    else:
-        chosen = best(kb, candidates)
-        if chosen is not None:
-            chosen = _note_wheel_policy(kb, name, chosen, candidates)
-    if chosen is None:
+        found = best(kb, candidates[platform])
+        if found is not None:
+            chosen[platform] = _note_wheel_policy(kb, name, found, candidates[platform])
+    if not chosen:
         first = excluded[-1].reasons[0].message if excluded else "no candidates"
         raise ConfigError(
             f"{config.path}: targets.{name}: every cell is invalid (e.g. {first}); "
             f"run `qwen-ft-images matrix --all` to see each reason"
         )
-    candidates = [c for c in candidates if c.spec.key() != chosen.spec.key()]
-    images = [finish(chosen, image=config.image, recommended=True)]
+    images = [
+        finish(
+            replace(cell, platform_reasons=_platform_reasons(cell, platforms, chosen, rejected)),
+            image=config.image,
+            recommended=True,
+        )
+        for cell in _merge([chosen[p] for p in platforms if p in chosen])
+    ]
+    built = {(p, c.spec.key()) for c in images for p in c.platforms}
     for inc in config.include:
-        if inc.target != name or inc.key() == chosen.spec.key():
+        if inc.target != name:
             continue
-        cell = check(kb, target, inc, origin="include")
-        if isinstance(cell, Cell):
+        valid: list[Cell] = []
+        for platform in platforms:
+            if (platform, inc.key()) in built:
+                continue
+            cell = check(kb, target, inc, origin="include", platform=platform)
+            if isinstance(cell, Cell):
+                valid.append(cell)
+            else:
+                excluded.append(cell)
+                rejected[(platform, cell.pinned)] = cell
+        for cell in _merge(valid):
+            cell = replace(cell, platform_reasons=_platform_reasons(cell, platforms, {}, rejected))
             images.append(finish(cell, image=config.image, recommended=False))
-        else:
-            excluded.append(cell)
     # Other valid axis cells are candidates, not images: they appear in `matrix --all`.
-    excluded.extend(replace(c, origin="candidate") for c in candidates)
+    for platform in platforms:
+        excluded.extend(
+            replace(c, origin="candidate")
+            for c in candidates[platform]
+            if (platform, c.spec.key()) not in built
+        )
     return images, excluded
 
 
@@ -1106,6 +1325,7 @@ def explain(
     *,
     overrides: Mapping[str, str | None],
     dtype: str | None,
+    platform: str | None = None,
 ) -> Verdict:
     """Verdict and plan for any cell of a target, including ones not in matrix.yaml.
 
@@ -1116,16 +1336,35 @@ def explain(
     given axes (or `dtype`) that no completion can keep.
     """
     target = find_target(config, target_name)
-    rec = resolve_target(config, kb, target.name)[0][0]
+    images = resolve_target(config, kb, target.name)[0]
+    on = platform or target.axes.platform[0]
+    rec = next((c for c in images if c.recommended and on in c.platforms), None)
     given = {k: v for k, v in overrides.items() if v is not None}
     free = tuple(a for a in AXES if a not in given)
-    if not given and dtype in (None, rec.dtype):
+    if rec is not None and not given and dtype in (None, rec.dtype):
         return replace(rec, filled=free)
-    found = complete(kb, target, given, dtype)
-    if found is None:
-        verdict = check(kb, target, replace(rec.spec, **given), dtype=dtype, origin="explain")
-        return replace(verdict, filled=free, blocking=_blocking(kb, target, given, dtype))
-    if found.spec == rec.spec and found.dtype == rec.dtype:
+    found = complete(kb, target, given, dtype, on)
+    if found is None or rec is None:
+        spec = replace(rec.spec if rec else images[0].spec, **given)
+        verdict = check(kb, target, spec, dtype=dtype, origin="explain", platform=on)
+        if isinstance(verdict, Cell) and rec is None:
+            # valid on this platform, but the target does not build for it
+            verdict = Rejected(
+                verdict.spec,
+                verdict.sm,
+                verdict.dtype,
+                "explain",
+                platforms=(on,),
+                reasons=(
+                    Reason(
+                        "platform-not-built",
+                        f"{target.name} is not built for {on}; add it to targets.{target.name}.axes.platform",
+                        "matrix.yaml",
+                    ),
+                ),
+            )
+        return replace(verdict, filled=free, blocking=_blocking(kb, target, given, dtype, on))
+    if found.spec == rec.spec and found.dtype == rec.dtype and found.plan == rec.plan:
         return replace(rec, filled=free)
     cell = replace(finish(found, image=config.image, recommended=False), origin="explain", filled=free)
     if found.dtype != rec.dtype:
@@ -1140,23 +1379,35 @@ def explain(
     return cell
 
 
-def complete(kb: Knowledge, target: TargetConfig, given: Mapping[str, str], dtype: str | None) -> Cell | None:
+def complete(
+    kb: Knowledge,
+    target: TargetConfig,
+    given: Mapping[str, str],
+    dtype: str | None,
+    platform: str = DEFAULT_PLATFORM,
+) -> Cell | None:
     """The preferred valid cell that keeps `given`: other axes from the matrix first, then from the KB."""
     axes = Space(target.axes.cuda, target.axes.torch, target.axes.python, target.axes.flash_attn)
     for space in (axes, known_space(kb, target)):
         keep = replace(space, **{k: [v] for k, v in given.items()})
-        cell = search(kb, target, keep.specs(target.name), dtype=dtype, origin="explain")
+        cell = search(kb, target, keep.specs(target.name), dtype=dtype, origin="explain", platform=platform)
         if cell is not None:
             return cell
     return None
 
 
 def _blocking(
-    kb: Knowledge, target: TargetConfig, given: Mapping[str, str], dtype: str | None
+    kb: Knowledge,
+    target: TargetConfig,
+    given: Mapping[str, str],
+    dtype: str | None,
+    platform: str = DEFAULT_PLATFORM,
 ) -> tuple[str, ...]:
     """The given axes that, alone, leave no valid completion; all of them when only the set does."""
-    alone = [a for a in given if complete(kb, target, {k: v for k, v in given.items() if k != a}, dtype)]
-    if dtype is not None and complete(kb, target, given, None) is not None:
+    alone = [
+        a for a in given if complete(kb, target, {k: v for k, v in given.items() if k != a}, dtype, platform)
+    ]
+    if dtype is not None and complete(kb, target, given, None, platform) is not None:
         alone.append("dtype")
     return tuple(alone) or (*given, *(("dtype",) if dtype else ()))
 

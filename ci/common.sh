@@ -27,6 +27,9 @@ REGISTRY_LOG="${REGISTRY_LOG:-$QWEN_FT_CI_LOG/registry.log}"
 REGISTRY_WAIT_S="${REGISTRY_WAIT_S:-30}"
 
 QWEN_FT_BASE_IMAGE="${QWEN_FT_BASE_IMAGE:-qwen-ft-local/debian:bookworm}"
+# The same Debian for linux/arm64 (debootstrap --arch=arm64, run under qemu-user-static). A
+# classic (non-containerd) image store holds one platform per name, hence a name of its own.
+QWEN_FT_BASE_IMAGE_ARM64="${QWEN_FT_BASE_IMAGE_ARM64:-qwen-ft-local/debian:bookworm-arm64}"
 # No mirror is named here: the base image uses the host's own apt sources (so a mirror
 # configured on the host is what the image gets too); DEBIAN_MIRROR overrides them.
 DEBIAN_MIRROR="${DEBIAN_MIRROR:-}"
@@ -37,6 +40,20 @@ die() { log "ERROR: $*"; exit 1; }
 
 need_root() {
     [[ $(id -u) -eq 0 ]] || die "must run as root"
+}
+
+# binfmt_ready ARCH: the kernel runs ARCH's ELF binaries through qemu with the F flag
+# (interpreter opened at registration), so they also run inside containers and BuildKit steps.
+binfmt_ready() {
+    local qemu
+    case $1 in
+    arm64 | aarch64) qemu=qemu-aarch64 ;;
+    amd64 | x86_64) qemu=qemu-x86_64 ;;
+    *) return 1 ;;
+    esac
+    [[ -f /proc/sys/fs/binfmt_misc/$qemu ]] &&
+        grep -qx enabled "/proc/sys/fs/binfmt_misc/$qemu" &&
+        grep -q '^flags: .*F' "/proc/sys/fs/binfmt_misc/$qemu"
 }
 
 # docker_cli ARGS...: the Debian client, whatever `docker` is first in PATH.

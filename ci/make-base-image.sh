@@ -6,30 +6,66 @@
 # bookworm, bookworm-updates and bookworm-security; the docker-* apt.conf.d
 # snippets; a policy-rc.d; no apt lists, no resolv.conf).
 #
-# Usage: ci/make-base-image.sh [--force] [NAME]   (NAME defaults to
-#        $QWEN_FT_BASE_IMAGE, i.e. qwen-ft-local/debian:bookworm)
-# Does nothing when NAME already exists, unless --force.
+# Usage: ci/make-base-image.sh [--force] [--arch ARCH] [NAME]   (NAME defaults to
+#        $QWEN_FT_BASE_IMAGE, i.e. qwen-ft-local/debian:bookworm, or for --arch arm64
+#        $QWEN_FT_BASE_IMAGE_ARM64, i.e. qwen-ft-local/debian:bookworm-arm64)
+# Does nothing when NAME already exists (for ARCH), unless --force.
+#
+# A foreign ARCH (arm64 on an amd64 host) is bootstrapped with `debootstrap --arch=ARCH`,
+# whose second stage runs under qemu-user-static (ci/setup-host.sh registers it), and
+# imported by building `FROM scratch` + `ADD rootfs.tar /` with `--platform linux/ARCH`:
+# `docker import` would label the image with the host's architecture, and BuildKit would
+# then refuse it (or pick the wrong one) for a `--platform linux/ARCH` build.
 set -euo pipefail
 # shellcheck source=ci/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 need_root
 
 force=0
-if [[ ${1:-} == --force ]]; then
-    force=1
+HOST_ARCH=$(dpkg --print-architecture)
+ARCH=$HOST_ARCH
+while (($#)); do
+    case $1 in
+    --force) force=1 ;;
+    --arch) ARCH=${2:?--arch needs a Debian architecture (amd64, arm64)}; shift ;;
+    --arch=*) ARCH=${1#--arch=} ;;
+    -*) die "unknown option $1" ;;
+    *) break ;;
+    esac
     shift
+done
+case $ARCH in
+amd64 | arm64) ;;
+*) die "--arch $ARCH: expected amd64 or arm64" ;;
+esac
+if [[ $ARCH == arm64 ]]; then
+    NAME=${1:-$QWEN_FT_BASE_IMAGE_ARM64}
+else
+    NAME=${1:-$QWEN_FT_BASE_IMAGE}
 fi
-NAME=${1:-$QWEN_FT_BASE_IMAGE}
+FOREIGN=0
+[[ $ARCH == "$HOST_ARCH" ]] || FOREIGN=1
 
 daemon_answers || die "dockerd does not answer; run ci/start-services.sh first"
+if ((FOREIGN)); then
+    binfmt_ready "$ARCH" || die "no binfmt_misc entry with the F flag runs $ARCH binaries; run ci/setup-host.sh"
+fi
 
 if ((!force)) && docker_cli image inspect "$NAME" >/dev/null 2>&1; then
-    log "$NAME exists ($(docker_cli image inspect -f '{{.Id}}' "$NAME" | cut -c1-19)); nothing to do"
-    exit 0
+    have=$(docker_cli image inspect -f '{{.Architecture}}' "$NAME")
+    if [[ $have == "$ARCH" ]]; then
+        log "$NAME exists ($(docker_cli image inspect -f '{{.Id}}' "$NAME" | cut -c1-19), $have); nothing to do"
+        exit 0
+    fi
+    log "$NAME exists but is $have, not $ARCH: rebuilding it"
 fi
 
 ROOT=$(mktemp -d /var/tmp/qwen-ft-rootfs.XXXXXX)
-cleanup() { rm -rf --one-file-system "$ROOT"; }
+CTX=""
+cleanup() {
+    rm -rf --one-file-system "$ROOT"
+    [[ -z $CTX ]] || rm -rf "$CTX"
+}
 trap cleanup EXIT
 
 # The host's configured repository for the suite, else debootstrap's own default.
@@ -38,8 +74,8 @@ if [[ -z $mirror ]]; then
     mirror=$(apt-get indextargets --format '$(REPO_URI) $(RELEASE)' 2>/dev/null |
         awk -v s="$DEBIAN_SUITE" '$2 == s {print $1; exit}')
 fi
-log "debootstrap --variant=minbase $DEBIAN_SUITE $ROOT ${mirror:-(the debootstrap default mirror)}"
-if ! debootstrap --variant=minbase "$DEBIAN_SUITE" "$ROOT" ${mirror:+"$mirror"} \
+log "debootstrap --variant=minbase --arch=$ARCH $DEBIAN_SUITE $ROOT ${mirror:-(the debootstrap default mirror)}"
+if ! debootstrap --variant=minbase --arch="$ARCH" "$DEBIAN_SUITE" "$ROOT" ${mirror:+"$mirror"} \
     >"$ROOT.log" 2>&1; then
     tail -n 30 "$ROOT.log" >&2
     [[ -f $ROOT/debootstrap/debootstrap.log ]] && tail -n 30 "$ROOT/debootstrap/debootstrap.log" >&2
@@ -91,14 +127,26 @@ rm -rf "$ROOT"/var/lib/apt/lists/* "$ROOT"/var/cache/apt/*.bin \
     "$ROOT"/var/log/bootstrap.log "$ROOT"/tmp/* "$ROOT"/var/tmp/*
 mkdir -p "$ROOT/var/lib/apt/lists/partial"
 
-log "docker import -> $NAME"
-tar -C "$ROOT" --numeric-owner -c . |
-    docker_cli import \
-        --change 'CMD ["bash"]' \
-        --change "LABEL org.opencontainers.image.description=\"Debian $DEBIAN_SUITE minbase, built by ci/make-base-image.sh\"" \
-        - "$NAME" >/dev/null
+DESCRIPTION="Debian $DEBIAN_SUITE minbase ($ARCH), built by ci/make-base-image.sh"
+if ((FOREIGN)); then
+    log "docker build --platform linux/$ARCH (FROM scratch, ADD rootfs.tar) -> $NAME"
+    CTX=$(mktemp -d /var/tmp/qwen-ft-rootfs-ctx.XXXXXX)
+    tar -C "$ROOT" --numeric-owner -cf "$CTX/rootfs.tar" .
+    printf 'FROM scratch\nADD rootfs.tar /\nLABEL org.opencontainers.image.description="%s"\nCMD ["bash"]\n' \
+        "$DESCRIPTION" >"$CTX/Dockerfile"
+    DOCKER_BUILDKIT=1 docker_cli build -q --platform "linux/$ARCH" -t "$NAME" "$CTX" >/dev/null
+    have=$(docker_cli image inspect -f '{{.Os}}/{{.Architecture}}' "$NAME")
+    [[ $have == "linux/$ARCH" ]] || die "$NAME came out as $have, not linux/$ARCH"
+else
+    log "docker import -> $NAME"
+    tar -C "$ROOT" --numeric-owner -c . |
+        docker_cli import \
+            --change 'CMD ["bash"]' \
+            --change "LABEL org.opencontainers.image.description=\"$DESCRIPTION\"" \
+            - "$NAME" >/dev/null
+fi
 
 # shellcheck disable=SC2016  # expanded by the container's shell
-docker_cli run --rm --pull never "$NAME" sh -c '. /etc/os-release && echo "  $PRETTY_NAME ($(cat /etc/debian_version))"'
+docker_cli run --rm --pull never --platform "linux/$ARCH" "$NAME" sh -c '. /etc/os-release && echo "  $PRETTY_NAME ($(cat /etc/debian_version), $(uname -m))"'
 size=$(docker_cli image inspect -f '{{.Size}}' "$NAME")
 log "built $NAME ($(docker_cli image inspect -f '{{.Id}}' "$NAME" | cut -c1-19), $((size / 1000000)) MB)"

@@ -17,6 +17,8 @@ PACKAGES=(
     ca-certificates
     curl
     iptables             # dockerd's bridge network (a dependency, listed to be explicit)
+    qemu-user-static     # linux/arm64 images built and smoke-tested under emulation
+    binfmt-support       # registers qemu-aarch64 with the F flag (usable inside containers)
 )
 # Set e.g. QWEN_FT_EXTRA_PACKAGES="shellcheck" to add more.
 read -r -a EXTRA <<<"${QWEN_FT_EXTRA_PACKAGES:-}"
@@ -145,7 +147,25 @@ install_buildx() {
 
 install_buildx
 
-for p in docker.io docker-registry debootstrap containerd runc; do
+# Emulated arm64: the binfmt_misc file system (not mounted in most containers and CI VMs),
+# then binfmt-support's registration of Debian's qemu-user-static. Its aarch64 entry carries
+# the F flag: the kernel opens the interpreter once, so it works inside containers whose
+# rootfs has no qemu. A registration without F would fail inside the build, so refuse it.
+ensure_binfmt() {
+    local dir=/proc/sys/fs/binfmt_misc
+    if ! mountpoint -q "$dir"; then
+        log "mounting binfmt_misc on $dir"
+        mount -t binfmt_misc binfmt_misc "$dir" || die "cannot mount binfmt_misc (needs root and a kernel with CONFIG_BINFMT_MISC)"
+    fi
+    [[ -f $dir/qemu-aarch64 ]] || update-binfmts --import qemu-aarch64 >/dev/null 2>&1 || true
+    update-binfmts --enable qemu-aarch64 >/dev/null 2>&1 || true
+    binfmt_ready arm64 || die "qemu-aarch64 is not registered with the F flag in $dir: $(cat "$dir/qemu-aarch64" 2>/dev/null | tr '\n' ' ')"
+    log "binfmt: qemu-aarch64 $(grep '^flags' "$dir/qemu-aarch64")"
+}
+
+ensure_binfmt
+
+for p in docker.io docker-registry debootstrap containerd runc qemu-user-static binfmt-support; do
     printf '  %-16s %s\n' "$p" "$(dpkg-query -W -f='${Version}' "$p")"
 done
 printf '  %-16s %s\n' "client" "$("$QWEN_FT_DOCKER" --version)"

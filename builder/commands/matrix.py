@@ -56,6 +56,9 @@ def matrix(obj: Context, as_json: bool, show_all: bool, selectors: tuple[str, ..
 @click.option("--python", "python_v", help="Python version, e.g. 3.10")
 @click.option("--flash-attn", "flash_attn", help='flash-attn version or "none"')
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), help="Precision to ask for.")
+@click.option(
+    "--platform", help="One platform to explain for, e.g. linux/arm64 (default: the target's first)."
+)
 @option("as_json", help="One JSON object (stable field names).")
 @click.pass_obj
 def explain(
@@ -66,6 +69,7 @@ def explain(
     python_v: str | None,
     flash_attn: str | None,
     dtype: str | None,
+    platform: str | None,
     as_json: bool,
 ) -> None:
     """Verdict and plan for any cell of TARGET, in matrix.yaml or not.
@@ -83,6 +87,11 @@ def explain(
     ):
         if value is not None and not _valid_version(value, allow_none=name in ("--cuda", "--flash-attn")):
             raise ConfigError(f"{name} {value!r} is not a version (e.g. --torch 2.8.0 --cuda 12.6)")
+    from builder.options import parse_platforms
+
+    platforms = parse_platforms(platform)
+    if len(platforms) > 1:
+        raise ConfigError(f"--platform {platform!r}: explain takes one platform, e.g. linux/arm64")
     cfg = config.load(obj.matrix_path)
     kb = knowledge.load()
     cell = resolve.explain(
@@ -91,6 +100,7 @@ def explain(
         target,
         overrides={"torch": torch_v, "cuda": cuda, "python": python_v, "flash_attn": flash_attn},
         dtype=dtype,
+        platform=platforms[0] if platforms else None,
     )
     data = cellview.cell_json(cell)
     if as_json:

@@ -26,6 +26,7 @@ from builder.errors import RegistryError
 from builder.jobs import CA_SECRET_ID, BuildJob, BuildOptions
 from builder.project import Project
 from builder.record import ImageResult, record
+from builder.resolve import DEFAULT_PLATFORM
 
 # ----------------------------------------------------------------------------- preparing
 
@@ -53,6 +54,7 @@ def request_for(job: BuildJob, context: Path, options: BuildOptions) -> BuildReq
         secrets={CA_SECRET_ID: options.ca_bundle} if options.ca_bundle else {},
         proxies=proxies(options),
         network=options.network,
+        platform=None if job.platform == DEFAULT_PLATFORM else job.platform,
     )
 
 
@@ -68,8 +70,11 @@ def dry_run_lines(
         for ref in job.tags:
             yield shlex.join([engine.exe, "tag", "<image-id>", ref])
         if options.push and options.registry:
-            for ref in job.tags:
-                yield shlex.join([engine.exe, "push", qualify(ref, options.registry)])
+            yield shlex.join([engine.exe, "push", qualify(job.hash_ref, options.registry)])
+    if options.push and options.registry:
+        for tag, entries in manifest_lists(jobs).items():
+            sources = [qualify(job.hash_ref, options.registry) for job in entries]
+            yield shlex.join([engine.exe, "manifest", "create", qualify(tag, options.registry), *sources])
 
 
 # ----------------------------------------------------------------------------- running
@@ -159,6 +164,23 @@ def run(
             pushed=pushed,
         )
 
+    try:
+        _run_pool(jobs, one, options, engine, cancel, results)
+    except KeyboardInterrupt:
+        raise
+    if options.push and options.registry:
+        publish(engine, jobs, results, options.registry, force=options.force)
+    return [results[job.name] for job in jobs]
+
+
+def _run_pool(
+    jobs: Sequence[BuildJob],
+    one: Callable[[BuildJob], None],
+    options: BuildOptions,
+    engine: Engine,
+    cancel: threading.Event,
+    results: dict[str, ImageResult],
+) -> None:
     with ThreadPoolExecutor(max_workers=options.jobs) as pool:
         futures: list[Future[None]] = [pool.submit(one, job) for job in jobs]
         try:
@@ -181,7 +203,6 @@ def run(
                 if r.status in ("queued", "building"):
                     r.status = "interrupted"
             raise
-    return [results[job.name] for job in jobs]
 
 
 def cancel_builds(engine: Engine) -> None:
@@ -191,32 +212,86 @@ def cancel_builds(engine: Engine) -> None:
 
 
 def push_image(engine: Engine, job: BuildJob, image_id: str, registry: str, *, force: bool) -> dict[str, str]:
-    """Push alias (moves), pinned and content tags (immutable), then pull each back to verify."""
-    alias_refs = set(job.tags[:1]) if job.cell.recommended else set()
-    pushed: dict[str, str] = {}
-    for ref in job.tags:
-        target = qualify(ref, registry)
-        if ref not in alias_refs:
-            existing = engine.remote_digest(target)
-            if existing is not None:
-                repo = target.rsplit(":", 1)[0]
-                same = f"{repo}@{existing}" in engine.repo_digests(image_id)
-                if same:
-                    pushed[target] = existing
-                    continue
-                if not force:
-                    raise RegistryError(
-                        f"{target} already exists with digest {existing[:19]}… and is immutable; "
-                        "bump the matrix (new pinned tag) or pass --force"
-                    )
-        engine.tag(image_id, target)
-        pushed[target] = engine.push(target)
-    for target, digest in pushed.items():
-        engine.pull(target)
+    """Push this platform's image under its content-hash tag (immutable), then pull it back to
+    verify. Alias and pinned tags are published afterwards as manifest lists (`publish`)."""
+    target = qualify(job.hash_ref, registry)
+    repo = target.rsplit(":", 1)[0]
+    existing = engine.remote_digest(target)
+    if existing is not None:
+        if f"{repo}@{existing}" in engine.repo_digests(image_id):
+            return {target: existing}
+        if not force:
+            raise RegistryError(
+                f"{target} already exists with digest {existing[:19]}… and is immutable; "
+                "bump the matrix (new pinned tag) or pass --force"
+            )
+    engine.tag(image_id, target)
+    digest = engine.push(target)
+    engine.pull(target)
+    if f"{repo}@{digest}" not in engine.repo_digests(target):
+        raise RegistryError(f"{target}: pulled image does not carry the pushed digest {digest}")
+    return {target: digest}
+
+
+def manifest_lists(jobs: Sequence[BuildJob]) -> dict[str, list[BuildJob]]:
+    """Each published tag (alias, pinned) and the per-platform jobs its manifest list holds.
+
+    An alias can gather several images: each platform's recommended image of the target (the
+    same stack where it can be, README 'Platforms'); a pinned tag is one stack on each platform.
+    """
+    lists: dict[str, list[BuildJob]] = {}
+    for job in jobs:
+        for tag in job.published:
+            entries = lists.setdefault(tag, [])
+            if all(j.platform != job.platform for j in entries):
+                entries.append(job)
+    return lists
+
+
+def publish(
+    engine: Engine, jobs: Sequence[BuildJob], results: dict[str, ImageResult], registry: str, *, force: bool
+) -> None:
+    """One manifest list per published tag, of every platform's pushed image; then each platform
+    is pulled back by its digest and must be the platform the list says. Even a one-platform
+    image gets a list: a host of another platform then gets 'no matching manifest', never an
+    image it cannot run."""
+    for tag, entries in manifest_lists(jobs).items():
+        target = qualify(tag, registry)
         repo = target.rsplit(":", 1)[0]
-        if f"{repo}@{digest}" not in engine.repo_digests(target):
-            raise RegistryError(f"{target}: pulled image does not carry the pushed digest {digest}")
-    return pushed
+        pushed = {
+            job.platform: results[job.name].pushed.get(qualify(job.hash_ref, registry)) for job in entries
+        }
+        if not all(pushed.values()):
+            continue  # a platform's image failed: its result says why; no partial list is published
+        want = {platform: str(digest) for platform, digest in pushed.items()}
+        alias = any(job.cell.recommended and tag == job.published[0] for job in entries)
+        try:
+            existing = None if alias else engine.manifest_platforms(target)
+            if existing == want:
+                digest = "unchanged"
+            elif existing is not None and not force:
+                raise RegistryError(
+                    f"{target} already exists as another image ({', '.join(sorted(existing)) or 'no list'}) "
+                    "and is immutable; bump the matrix (new pinned tag) or pass --force"
+                )
+            else:
+                digest = engine.create_manifest_list(target, [f"{repo}@{d}" for d in want.values()])
+            got = engine.manifest_platforms(target)
+            if got != want:
+                raise RegistryError(f"{target}: the registry's list {got} is not the pushed images {want}")
+            for platform, d in want.items():
+                ref = f"{repo}@{d}"
+                engine.pull_ref(ref)
+                have = engine.image_platform(ref)
+                if have != platform:
+                    raise RegistryError(f"{ref}: pulled back as {have}, not {platform}")
+        except RegistryError as exc:
+            for job in entries:
+                r = results[job.name]
+                r.status, r.error, r.failed_in = "failed", exc.message, "push"
+            continue
+        for job in entries:
+            results[job.name].pushed[target] = digest if digest != "unchanged" else want[job.platform]
 
 
 # ----------------------------------------------------------------------------- the stage

@@ -57,6 +57,9 @@ class BuildRequest:
     # Docker's predefined proxy args: passed as build args, but never stored in history.
     proxies: Mapping[str, str] = field(default_factory=dict)
     network: str | None = None
+    # BuildKit's --platform (linux/arm64 runs its RUN steps under qemu-user-static here).
+    # None for linux/amd64, so the amd64 command stays what it always was.
+    platform: str | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,10 @@ class Engine(Protocol):
     def pull(self, ref: str) -> str: ...
     def remote_digest(self, ref: str) -> str | None: ...
     def remove_image(self, ref: str) -> None: ...
+    def create_manifest_list(self, target: str, sources: Sequence[str]) -> str: ...
+    def manifest_platforms(self, ref: str) -> dict[str, str] | None: ...
+    def image_platform(self, ref: str) -> str | None: ...
+    def pull_ref(self, ref: str) -> None: ...
 
 
 class ContainerEngine(Protocol):
@@ -109,6 +116,12 @@ class ContainerEngine(Protocol):
         volumes: Mapping[str, str] | None = None,
         labels: Mapping[str, str] | None = None,
     ) -> ContainerRun: ...
+
+
+def _plain_http(ref: str) -> bool:
+    """dockerd's default insecure registries: loopback, where CI and tests run theirs."""
+    host = ref.split("/", 1)[0]
+    return host.startswith(("127.", "localhost")) or host == "[::1]"
 
 
 def docker_executable(configured: str | None) -> str:
@@ -460,6 +473,8 @@ class DockerEngine:
             argv += ["--secret", f"id={sid},src={src}"]
         if req.network:
             argv += ["--network", req.network]
+        if req.platform:
+            argv += ["--platform", req.platform]
         argv.append(str(req.context))
         return argv, dict(self._build_env)
 
@@ -601,6 +616,70 @@ class DockerEngine:
                 "check --registry and that the registry runs"
             ) from None
         return str(data.id)
+
+    # -- manifest lists: one tag, one image per platform ------------------------------
+    def _manifest_cli(self, args: Sequence[str], what: str, *, missing_ok: bool = False) -> str | None:
+        argv = [self.exe, "manifest", *args]
+        self.commands.record(argv)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+        if done.returncode != 0:
+            text = (done.stderr or done.stdout).strip()
+            if missing_ok and ("no such manifest" in text.lower() or "manifest unknown" in text.lower()):
+                return None
+            raise RegistryError(f"{what} failed: {_short(text)}")
+        return done.stdout
+
+    def create_manifest_list(self, target: str, sources: Sequence[str]) -> str:
+        """Assemble and push a manifest list of already-pushed images; its digest.
+
+        `docker manifest` works with every client here (20.10 has it; buildx's `imagetools
+        create` would need the builder to trust a plain-HTTP registry, docker manifest only
+        --insecure). Each entry's platform is read from the image's own config, so an arm64
+        image lands under linux/arm64 whatever host built it.
+        """
+        insecure = ["--insecure"] if _plain_http(target) else []
+        self._manifest_cli(["rm", target], f"docker manifest rm {target}", missing_ok=True)
+        self._manifest_cli(["create", *insecure, target, *sources], f"docker manifest create {target}")
+        out = (
+            self._manifest_cli(["push", *insecure, "--purge", target], f"docker manifest push {target}") or ""
+        )
+        digests = [w for w in out.split() if w.startswith("sha256:")]
+        if not digests:
+            raise RegistryError(f"docker manifest push {target} reported no digest: {_short(out)}")
+        return digests[-1]
+
+    def manifest_platforms(self, ref: str) -> dict[str, str] | None:
+        """{'linux/arm64': digest, ...} of a manifest list in the registry; None if the tag is absent.
+        A plain (single-image) manifest answers {} : it names no platform."""
+        insecure = ["--insecure"] if _plain_http(ref) else []
+        out = self._manifest_cli(
+            ["inspect", *insecure, ref], f"docker manifest inspect {ref}", missing_ok=True
+        )
+        if out is None:
+            return None
+        data = json.loads(out)
+        entries = data.get("manifests") if isinstance(data, dict) else None
+        if not entries:
+            return {}
+        return {
+            f"{m['platform']['os']}/{m['platform']['architecture']}": str(m["digest"])
+            for m in entries
+            if m.get("platform")
+        }
+
+    def image_platform(self, ref: str) -> str | None:
+        data = self._inspect(ref)
+        if data is None:
+            return None
+        return f"{data.get('Os') or 'linux'}/{data.get('Architecture') or ''}"
+
+    def pull_ref(self, ref: str) -> None:
+        """`docker pull REF` with the CLI: also takes repo@sha256:… (the SDK's pull does not)."""
+        argv = [self.exe, "pull", "-q", ref]
+        self.commands.record(argv)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=1800, check=False)
+        if done.returncode != 0:
+            raise RegistryError(f"pull of {ref} failed: {_short((done.stderr or done.stdout).strip())}")
 
     def local_tags(self, repository: str) -> dict[str, str]:
         """Every local tag of a repository, mapped to its image id."""

@@ -22,7 +22,7 @@ from builder.knowledge import Knowledge
 from builder.options import BuildOptions, options_from, parse_base_map
 from builder.project import Project
 from builder.record import Planned
-from builder.resolve import Cell, Resolution
+from builder.resolve import DEFAULT_PLATFORM, Cell, Resolution
 
 CA_SECRET_ID = "ca_bundle"
 
@@ -34,12 +34,16 @@ class BuildJob:
     text: str  # the rendered Dockerfile: hashed here, compared with the committed file, built
     build_args: Mapping[str, str]
     digest: str
-    tags: tuple[str, ...]  # alias (if recommended), pinned, content-hash tag
+    tags: tuple[str, ...]  # local tags: alias (if recommended), pinned, content-hash tag
     labels: Mapping[str, str]
+    platform: str = DEFAULT_PLATFORM
+    # What the registry gets: each of these is a manifest list of every platform's image
+    # (alias and pinned, without the local per-platform suffix).
+    published: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
-        return self.cell.id
+        return self.cell.id if len(self.cell.platforms) == 1 else self.cell.id + local_suffix(self.platform)
 
     @property
     def hash_ref(self) -> str:
@@ -48,6 +52,13 @@ class BuildJob:
     @property
     def planned(self) -> Planned:
         return Planned(self.name, self.digest, self.tags)
+
+
+def local_suffix(platform: str) -> str:
+    """A classic (non-containerd) image store holds one image per tag, so a local tag of a
+    non-amd64 image carries its architecture: qwen-ft:cpu-fp32-arm64. Registries get the plain
+    tag, as a manifest list."""
+    return "" if platform == DEFAULT_PLATFORM else "-" + platform.split("/", 1)[1]
 
 
 def map_base(ref: str, rules: Sequence[tuple[str, str]]) -> str:
@@ -89,13 +100,28 @@ def plan_jobs(
     for cell in cells:
         text = dockerfile(env, kb, cell, image)
         args = build_args(cell, rules)
-        digest = content_hash(text, project.runtime, args)
-        tags = (*cell.plan.tags, f"{image}:{hash_tag(cell.spec.target, digest)}")
-        jobs.append(
-            BuildJob(
-                cell, project.dockerfile(cell.id), text, args, digest, tags, {contract.CONTENT_HASH: digest}
+        for platform in cell.platforms:
+            if options.platforms and platform not in options.platforms:
+                continue
+            # The platform is part of what gets built, so of the hash; linux/amd64 hashes as it
+            # did before platforms existed, so its published content tags stay valid.
+            hashed = args if platform == DEFAULT_PLATFORM else {**args, "TARGETPLATFORM": platform}
+            digest = content_hash(text, project.runtime, hashed)
+            suffix = local_suffix(platform)
+            tags = (*(t + suffix for t in cell.plan.tags), f"{image}:{hash_tag(cell.spec.target, digest)}")
+            jobs.append(
+                BuildJob(
+                    cell,
+                    project.dockerfile(cell.id),
+                    text,
+                    args,
+                    digest,
+                    tags,
+                    {contract.CONTENT_HASH: digest},
+                    platform=platform,
+                    published=cell.plan.tags,
+                )
             )
-        )
     return jobs
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +31,9 @@ class FakeEngine:
     registry: dict[str, str] = field(default_factory=dict)  # remote ref -> digest
     digests: dict[str, list[str]] = field(default_factory=dict)  # image id -> repo digests
     calls: list[tuple[str, ...]] = field(default_factory=list)
+    platform_of: dict[str, str] = field(default_factory=dict)  # image id or digest -> platform
+    lists: dict[str, dict[str, str]] = field(default_factory=dict)  # remote ref -> {platform: digest}
+    requests: list[BuildRequest] = field(default_factory=list)
 
     def check(self) -> str:
         return "fake"
@@ -44,6 +47,8 @@ class FakeEngine:
             return BuildOutcome(False, None, "[stage-0 4/8] RUN pip install", "no space left on device", log)
         image_id = f"sha256:{req.name}-{req.labels[HASH_LABEL][:6]}"
         self.images[image_id] = (image_id, dict(req.labels))
+        self.platform_of[image_id] = req.platform or "linux/amd64"
+        self.requests.append(req)
         return BuildOutcome(True, image_id, None, None, log)
 
     def image_labels(self, ref: str) -> Mapping[str, str] | None:
@@ -70,6 +75,7 @@ class FakeEngine:
         image_id = self.images[ref][0]
         digest = "sha256:" + image_id.split(":")[1]
         self.registry[ref] = digest
+        self.platform_of[digest] = self.platform_of[image_id]
         repo = ref.rsplit(":", 1)[0]
         self.digests.setdefault(image_id, []).append(f"{repo}@{digest}")
         return digest
@@ -85,6 +91,26 @@ class FakeEngine:
 
     def remove_image(self, ref: str) -> None:
         self.images.pop(ref, None)
+
+    def create_manifest_list(self, target: str, sources: Sequence[str]) -> str:
+        self.calls.append(("manifest", target, *sources))
+        entries = {}
+        for src in sources:
+            digest = src.split("@", 1)[1]
+            entries[self.platform_of[digest]] = digest
+        self.lists[target] = entries
+        return "sha256:list-" + target.rsplit(":", 1)[1]
+
+    def manifest_platforms(self, ref: str) -> dict[str, str] | None:
+        if ref in self.lists:
+            return dict(self.lists[ref])
+        return {} if ref in self.registry else None
+
+    def pull_ref(self, ref: str) -> None:
+        self.calls.append(("pull", ref))
+
+    def image_platform(self, ref: str) -> str | None:
+        return self.platform_of.get(ref.split("@", 1)[-1])
 
 
 def plan(project_root: Path = ROOT, options: jobplan.BuildOptions | None = None) -> list[jobplan.BuildJob]:
@@ -189,23 +215,100 @@ def test_fail_fast_skips_the_rest(project: Project) -> None:
     assert {r.status for r in results[1:]} == {"skipped"}
 
 
-def test_push_is_verified_and_pinned_tags_are_immutable(project: Project) -> None:
+REG = "127.0.0.1:5000/team"
+
+
+def test_push_publishes_one_manifest_list_per_tag(project: Project) -> None:
+    """cpu: amd64 on torch 2.13.0, arm64 on PyPI's CPU build 2.10.0. The alias is one list of
+    both; each pinned tag is a list of its own stack's platform; every digest is pulled back."""
+    jobs = [j for j in plan(project.root) if j.cell.spec.target == "cpu"]
+    assert [(j.name, j.platform) for j in jobs] == [
+        ("cpu-fp32", "linux/amd64"),
+        ("cpu-fp32-arm64", "linux/arm64"),
+    ]
+    engine = FakeEngine()
+    results = build.run(project, jobs, engine, jobplan.BuildOptions(push=True, registry=REG))
+    assert all(r.ok for r in results), [r.error for r in results]
+    amd, arm = (engine.registry[f"{REG}/{j.hash_ref}"] for j in jobs)
+    assert engine.lists[f"{REG}/qwen-ft:cpu-fp32"] == {"linux/amd64": amd, "linux/arm64": arm}
+    assert engine.lists[f"{REG}/qwen-ft:cpu-fp32-torch2.13.0-py3.11"] == {"linux/amd64": amd}
+    assert engine.lists[f"{REG}/qwen-ft:cpu-fp32-torch2.10.0-py3.11"] == {"linux/arm64": arm}
+    assert ("pull", f"{REG}/qwen-ft@{arm}") in engine.calls and (
+        "pull",
+        f"{REG}/qwen-ft@{amd}",
+    ) in engine.calls
+    # the arm64 build asks BuildKit for its platform; amd64 keeps the command it always had
+    assert [r.platform for r in engine.requests] == [None, "linux/arm64"]
+    # locally, one image per tag: the arm64 image's alias carries its architecture
+    assert jobs[1].tags[:2] == ("qwen-ft:cpu-fp32-arm64", "qwen-ft:cpu-fp32-torch2.10.0-py3.11-arm64")
+    assert results[1].pushed[f"{REG}/qwen-ft:cpu-fp32"] == "sha256:list-cpu-fp32"
+
+
+def test_pinned_lists_are_immutable_and_the_alias_moves(project: Project) -> None:
     (job,) = [j for j in plan(project.root) if j.name == "cpu-fp32"]
     engine = FakeEngine()
-    opts = jobplan.BuildOptions(push=True, registry="127.0.0.1:5000/team")
+    opts = jobplan.BuildOptions(push=True, registry=REG)
     (first,) = build.run(project, [job], engine, opts)
-    assert first.ok and len(first.pushed) == 3
-    assert ("pull", "127.0.0.1:5000/team/qwen-ft:cpu-fp32") in engine.calls
-    # Another image under the same pinned tag: refused, alias untouched in the registry.
-    engine.registry["127.0.0.1:5000/team/qwen-ft:cpu-fp32-torch2.13.0-py3.11"] = "sha256:someone-else"
-    engine.images.clear()
+    assert first.ok
+    pinned = f"{REG}/qwen-ft:cpu-fp32-torch2.13.0-py3.11"
+    engine.lists[pinned] = {"linux/amd64": "sha256:someone-else"}
+    engine.lists[f"{REG}/qwen-ft:cpu-fp32"] = {"linux/amd64": "sha256:older"}
     (second,) = build.run(project, [job], engine, opts)
-    assert second.status == "failed"
+    assert second.status == "failed" and second.failed_in == "push"
     assert second.error is not None and "immutable" in second.error and "--force" in second.error
-    (forced,) = build.run(
-        project, [job], engine, jobplan.BuildOptions(push=True, registry=opts.registry, force=True)
+    (forced,) = build.run(project, [job], engine, jobplan.BuildOptions(push=True, registry=REG, force=True))
+    assert forced.ok and engine.lists[pinned] != {"linux/amd64": "sha256:someone-else"}
+
+
+def test_a_list_whose_platform_failed_is_not_published(project: Project) -> None:
+    jobs = [j for j in plan(project.root) if j.cell.spec.target == "cpu"]
+    engine = FakeEngine(fail={"cpu-fp32-arm64"})
+    results = build.run(project, jobs, engine, jobplan.BuildOptions(push=True, registry=REG))
+    assert [r.ok for r in results] == [True, False]
+    assert f"{REG}/qwen-ft:cpu-fp32" not in engine.lists  # never a list missing a platform
+    assert f"{REG}/qwen-ft:cpu-fp32-torch2.13.0-py3.11" in engine.lists
+
+
+def test_a_pulled_back_platform_must_match(project: Project) -> None:
+    (job,) = [j for j in plan(project.root) if j.name == "cpu-fp32-arm64"]
+    engine = FakeEngine()
+    real = engine.image_platform
+    engine.image_platform = lambda ref: "linux/amd64" if real(ref) == "linux/arm64" else real(ref)  # type: ignore[method-assign]
+    (result,) = build.run(project, [job], engine, jobplan.BuildOptions(push=True, registry=REG))
+    assert not result.ok and "not linux/arm64" in (result.error or "")
+
+
+def test_hashes_and_platform_filter_per_platform(project: Project) -> None:
+    both = [j for j in plan(project.root) if j.cell.spec.target == "cpu"]
+    only = [
+        j
+        for j in plan(project.root, jobplan.BuildOptions(platforms=("linux/arm64",)))
+        if j.cell.spec.target == "cpu"
+    ]
+    assert [j.name for j in only] == ["cpu-fp32-arm64"]
+    assert only[0].digest == both[1].digest != both[0].digest
+
+
+def test_same_stack_on_two_platforms_is_one_image(project: Project) -> None:
+    """Where the plan is identical (PyPI's torch 2.14.1 is cu130 on both), one Dockerfile, one job
+    per platform, and every tag a two-platform list."""
+    m = project.matrix
+    text = m.read_text().replace(
+        "  h100:\n    sm: 90\n",
+        '  h100:\n    sm: 90\n    recommended: {cuda: "13.0", torch: "2.14.1", python: "3.12", flash_attn: "none"}\n',
     )
-    assert forced.ok
+    m.write_text(text)
+    jobs = [j for j in plan(project.root) if j.cell.spec.target == "h100"]
+    assert [(j.name, j.platform) for j in jobs] == [
+        ("h100-bf16", "linux/amd64"),
+        ("h100-bf16-arm64", "linux/arm64"),
+    ]
+    assert jobs[0].cell is jobs[1].cell and jobs[0].cell.platforms == ("linux/amd64", "linux/arm64")
+    lists = build.manifest_lists(jobs)
+    assert {t: [j.platform for j in js] for t, js in lists.items()} == {
+        "qwen-ft:h100-bf16": ["linux/amd64", "linux/arm64"],
+        "qwen-ft:h100-bf16-cu130-torch2.14.1-py3.12": ["linux/amd64", "linux/arm64"],
+    }
 
 
 def test_stage_context_links_wheels(project: Project, tmp_path: Path) -> None:

@@ -61,9 +61,14 @@ def local_suffix(platform: str) -> str:
     return "" if platform == DEFAULT_PLATFORM else "-" + platform.split("/", 1)[1]
 
 
-def map_base(ref: str, rules: Sequence[tuple[str, str]]) -> str:
-    """The first matching rule wins; a trailing '*' in both sides carries the rest over."""
+def map_base(ref: str, rules: Sequence[tuple[str, str]], platform: str = DEFAULT_PLATFORM) -> str:
+    """The first matching rule wins; a trailing '*' in both sides carries the rest over. A
+    pattern ending in '@linux/arm64' applies to that platform's builds only (a local base image
+    holds one platform: CI maps debian:bookworm-slim to a debootstrapped image per platform)."""
     for pattern, target in rules:
+        pattern, at, only = pattern.partition("@")
+        if at and only != platform:
+            continue
         if pattern.endswith("*") and target.endswith("*"):
             stem = pattern[:-1]
             if ref.startswith(stem):
@@ -73,12 +78,17 @@ def map_base(ref: str, rules: Sequence[tuple[str, str]]) -> str:
     return ref
 
 
-def build_args(cell: Cell, rules: Sequence[tuple[str, str]]) -> dict[str, str]:
+def build_args(
+    cell: Cell, rules: Sequence[tuple[str, str]], platform: str = DEFAULT_PLATFORM
+) -> dict[str, str]:
     """Build args that change what gets built, after base mapping; part of the content hash."""
     plan = cell.plan
-    args = {"BASE_IMAGE": map_base(plan.base_image, rules), "TORCH_INDEX_URL": plan.torch.index_url or ""}
+    args = {
+        "BASE_IMAGE": map_base(plan.base_image, rules, platform),
+        "TORCH_INDEX_URL": plan.torch.index_url or "",
+    }
     if plan.flash_attn.builder_image:
-        args["BUILDER_IMAGE"] = map_base(plan.flash_attn.builder_image, rules)
+        args["BUILDER_IMAGE"] = map_base(plan.flash_attn.builder_image, rules, platform)
     return args
 
 
@@ -99,10 +109,10 @@ def plan_jobs(
     jobs = []
     for cell in cells:
         text = dockerfile(env, kb, cell, image)
-        args = build_args(cell, rules)
         for platform in cell.platforms:
             if options.platforms and platform not in options.platforms:
                 continue
+            args = build_args(cell, rules, platform)
             # The platform is part of what gets built, so of the hash; linux/amd64 hashes as it
             # did before platforms existed, so its published content tags stay valid.
             hashed = args if platform == DEFAULT_PLATFORM else {**args, "TARGETPLATFORM": platform}

@@ -21,6 +21,7 @@ BUILD_OPTIONS = (
     "https_proxy",
     "no_proxy",
     "network",
+    "platform",
     "docker",
     "dry_run",
 )
@@ -40,6 +41,7 @@ BUILD_OPTIONS = (
 @option("https_proxy")
 @option("no_proxy")
 @option("network")
+@option("platform")
 @option("docker")
 @option("dry_run")
 @click.pass_obj

@@ -35,6 +35,8 @@ from builder.hostprobe import (
     probe_host,
 )
 from builder.knowledge import Knowledge
+from builder.knowledge import platforms as platform_facts
+from builder.knowledge.platforms import AARCH64
 from builder.knowledge.signatures import Signature, load_signatures
 from builder.resolve import Cell, Resolution, Space, finish
 
@@ -164,10 +166,12 @@ class Report:
         return all(g.usable for g in self.gpus)
 
 
-def run_command(tag: str, device: int | None) -> str:
+def run_command(tag: str, device: int | None, platform_name: str = "linux/amd64") -> str:
     # No NVIDIA_DISABLE_REQUIRE here: the images set it, since their floor is their min-driver label.
     gpus = f"--gpus '\"device={device}\"' " if device is not None else ""
-    return f"docker run {gpus}--rm -it {tag} {SMOKE}"
+    # The tag is a manifest list; naming the platform makes a wrong host refuse instead of emulate.
+    on = f"--platform {platform_name} " if platform_name != "linux/amd64" else ""
+    return f"docker run {gpus}{on}--rm -it {tag} {SMOKE}"
 
 
 def target_for_sm(config: MatrixConfig, sm: int, name: str = "") -> tuple[TargetConfig | None, str]:
@@ -278,11 +282,27 @@ def find_fallback(
     return None, str(min(lowest)) if lowest else None
 
 
+def host_platform(cpu_arch: str) -> str | None:
+    """The OCI platform of a host from its `uname -m` (x86_64 -> linux/amd64, aarch64 -> linux/arm64)."""
+    found = platform_facts.load().by_machine(cpu_arch)
+    return found.name if found else None
+
+
+def parse_arch(text: str) -> str:
+    """`--assume-arch`: aarch64 or x86_64 (arm64/amd64 are accepted as their aliases)."""
+    found = platform_facts.load().by_machine(text.strip())
+    if found is None:
+        machines = ", ".join(p.machine for p in platform_facts.load().platforms.values())
+        raise ConfigError(f"--assume-arch {text!r} is not a CPU architecture; use one of {machines}")
+    return found.machine
+
+
 def advise_gpu(
     kb: Knowledge,
     config: MatrixConfig,
     cells: Sequence[Cell],
     gpu: GpuInfo,
+    platform_name: str = "linux/amd64",
 ) -> GpuAdvice:
     notes: list[str] = []
     sm = gpu.sm
@@ -308,12 +328,34 @@ def advise_gpu(
         return GpuAdvice(
             gpu, None, mapping, None, None, None, None, usable=False, notes=(*notes, mapping, hint)
         )
+    facts = platform_facts.load()
+    grace = next((h for p in facts.platforms.values() for h in p.hosts if _name_matches(h, gpu.name)), None)
+    if grace is not None and platform_name != facts.platform(AARCH64).name:
+        notes.append(
+            f"{grace} is a Grace (aarch64) host, but the CPU here is {platform_name}: the "
+            f"{platform_name} image cannot run on it, and an arm64 image runs on this host only under "
+            "emulation, where CUDA does not work; run the docker line below on the Grace host itself "
+            "(or plan for it with --assume-arch aarch64)"
+        )
     mine = [c for c in cells if c.spec.target == target.name]
     if not mine:
         return GpuAdvice(
             gpu, target.name, mapping, None, None, None, None, usable=False,
             notes=(*notes, f"no selected image for target {target.name}"),
         )  # fmt: skip
+    here = [c for c in mine if platform_name in c.platforms]
+    if not here:
+        return GpuAdvice(
+            gpu, target.name, mapping, None, None, None, None, usable=False,
+            notes=(
+                *notes,
+                f"target {target.name} has no {platform_name} image: its images are "
+                f"{', '.join(sorted({p for c in mine for p in c.platforms}))}; add {platform_name} to "
+                f"targets.{target.name}.axes.platform and check it with "
+                f"`qwen-ft-images explain {target.name} --platform {platform_name}`",
+            ),
+        )  # fmt: skip
+    mine = here
     # The recommended image unless the selectors left only pinned ones.
     usable_cells = [(c, _on_gpu(kb, config, target, c, sm)) for c in mine]
     runnable = [(c, g) for c, g in usable_cells if g is not None]
@@ -359,7 +401,7 @@ def advise_gpu(
         image=image,
         driver_ok=driver_ok,
         fallback=fallback,
-        run_command=run_command(use.tag, gpu.index),
+        run_command=run_command(use.tag, gpu.index, platform_name),
         usable=usable,
         notes=tuple(notes),
     )
@@ -373,16 +415,15 @@ def advise(
     diagnoses: Sequence[Diagnosis] = (),
 ) -> Report:
     config = resolution.config
-    gpus = tuple(advise_gpu(kb, config, cells, g) for g in host.gpus)
-    cpu_cell = next((c for c in cells if c.sm is None and c.recommended), None)
-    cpu_cell = cpu_cell or next((c for c in cells if c.sm is None), None)
-    cpu = _choice(kb, config, cpu_cell, cpu_cell, built=True) if cpu_cell else None
     notes: list[str] = []
-    if host.cpu_arch not in ("x86_64", "amd64", "AMD64"):
-        notes.append(
-            f"this CPU is {host.cpu_arch}: the images are linux/amd64 only (x86_64 torch CUDA "
-            "wheels and flash-attn wheels); they run here only under emulation"
-        )
+    on = host_platform(host.cpu_arch)
+    if on is None:
+        notes.append(f"this CPU is {host.cpu_arch}: no image is built for it; pass --assume-arch to plan")
+        on = "linux/amd64"
+    gpus = tuple(advise_gpu(kb, config, cells, g, on) for g in host.gpus)
+    cpus = [c for c in cells if c.sm is None and on in c.platforms]
+    cpu_cell = next((c for c in cpus if c.recommended), None) or next(iter(cpus), None)
+    cpu = _choice(kb, config, cpu_cell, cpu_cell, built=True) if cpu_cell else None
     if host.gpus and host.source != "assumed" and host.nvidia_runtime is None and host.docker is not None:
         notes.append(
             "NVIDIA Container Toolkit not found: `docker run --gpus` will fail with 'could not select "
@@ -392,7 +433,7 @@ def advise(
         host=host,
         gpus=gpus,
         cpu=cpu,
-        cpu_run_command=run_command(cpu.tag, None) if cpu else None,
+        cpu_run_command=run_command(cpu.tag, None, on) if cpu else None,
         diagnoses=tuple(diagnoses),
         notes=tuple(notes),
     )
@@ -442,10 +483,13 @@ def diagnose(
             continue
         number, line, match = hit
         groups = {k: v for k, v in match.groupdict().items() if v is not None}
+        # dict: one alias can be the tag of several platforms' images
         images = tuple(
-            qualify(c.plan.tags[0], config.registry)
-            for c in cells
-            if c.plan is not None and sig.images and _matches_filter(c, sig.images)
+            dict.fromkeys(
+                qualify(c.plan.tags[0], config.registry)
+                for c in cells
+                if c.plan is not None and sig.images and _matches_filter(c, sig.images)
+            )
         )
         found.append(
             Diagnosis(
@@ -652,6 +696,7 @@ def run(
     *,
     assume_gpus: Sequence[str] = (),
     assume_driver: str | None = None,
+    assume_arch: str | None = None,
     log_text: str | None = None,
     runner: Runner | None = None,
     nvml_loader: Callable[[], Any] | None = None,
@@ -675,6 +720,14 @@ def run(
         machine=machine or platform.machine,
         probe_gpu=not assumed,
     )
+    if assume_arch is not None:
+        arch = parse_arch(assume_arch)
+        if arch != host.cpu_arch:
+            note = (
+                f"CPU architecture assumed {arch} (this host is {host.cpu_arch}): the docker line is for an "
+                f"{arch} host; here that image would run only under emulation, without CUDA"
+            )
+            host = replace(host, cpu_arch=arch, notes=(*host.notes, note))
     if assumed:
         host = replace(host, gpus=tuple(assumed), source="assumed", driver=driver, problem=None)
     elif driver is not None:

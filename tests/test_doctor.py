@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 import types
 from collections.abc import Callable, Mapping, Sequence
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from builder import cli, config, doctor, hostprobe, resolve
+from builder import cli, config, doctor, hostprobe, knowledge, resolve
 from builder.config import MatrixConfig
 from builder.errors import ConfigError
 from builder.hostprobe import CmdResult, GpuInfo
@@ -612,3 +613,62 @@ def test_images_disable_the_base_images_driver_requirement() -> None:
     root = Path(__file__).resolve().parent.parent
     assert "ENV NVIDIA_DISABLE_REQUIRE=1" in (root / "images" / "a10-bf16" / "Dockerfile").read_text()
     assert "NVIDIA_DISABLE_REQUIRE" not in (root / "images" / "cpu-fp32" / "Dockerfile").read_text()
+
+
+# ----------------------------------------------------------------------------- platforms (#12)
+
+
+@pytest.mark.parametrize(
+    ("arch", "gpu", "image", "platform_flag", "note"),
+    [
+        ("aarch64", "NVIDIA GH200 480GB", "h100-bf16-arm64", "--platform linux/arm64", None),
+        ("aarch64", "NVIDIA GB200", "b200-bf16-arm64", "--platform linux/arm64", None),
+        ("x86_64", "NVIDIA GH200 480GB", "h100-bf16", "", "is a Grace (aarch64) host"),
+        ("x86_64", "H100", "h100-bf16", "", None),
+    ],
+)
+def test_the_cpu_architecture_picks_the_platform(
+    arch: str, gpu: str, image: str, platform_flag: str, note: str | None
+) -> None:
+    kb = knowledge.load()
+    res = resolve.resolve(config.load(ROOT / "matrix.yaml"), kb)
+    report = doctor.run(
+        kb,
+        res,
+        res.cells,
+        assume_gpus=[gpu],
+        assume_arch=arch,
+        runner=lambda argv: None,
+        machine=lambda: "x86_64",
+    )
+    (g,) = report.gpus
+    assert g.image is not None and g.image.image == image
+    assert g.run_command is not None and platform_flag in g.run_command
+    assert g.run_command.endswith("qwen-ft:" + image.removesuffix("-arm64") + " qwen-ft-runtime smoke")
+    if note:
+        assert any(note in n for n in g.notes)
+    if arch == "aarch64":
+        assert any("this host is x86_64" in n for n in report.host.notes)
+        assert report.cpu is not None and report.cpu.image == "cpu-fp32-arm64"
+
+
+def test_a_target_without_the_platform_is_a_clear_refusal() -> None:
+    kb = knowledge.load()
+    res = resolve.resolve(config.load(ROOT / "matrix.yaml"), kb)
+    report = doctor.run(
+        kb, res, res.cells, assume_gpus=["A100"], assume_arch="aarch64", runner=lambda argv: None
+    )
+    (g,) = report.gpus
+    assert not g.usable and g.run_command is None
+    assert any("has no linux/arm64 image" in n and "--platform linux/arm64" in n for n in g.notes)
+
+
+def test_bad_arch_is_one_line() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "builder", "doctor", "--assume-arch", "sparc"],
+        capture_output=True, text=True, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: --assume-arch 'sparc' is not a CPU architecture; use one of x86_64, aarch64"
+    ]

@@ -22,6 +22,11 @@ from builder.errors import FatalError
     help="Plan for this GPU instead of probing (repeatable): V100, A10G, sm_70, 70, 8.6.",
 )
 @click.option("--assume-driver", metavar="VERSION", help="Plan for this NVIDIA driver, e.g. 535.104.05.")
+@click.option(
+    "--assume-arch",
+    metavar="ARCH",
+    help="Plan for this CPU architecture instead of this host's: aarch64 (Grace: GH200, GB200) or x86_64.",
+)
 @click.option("--log", "log_file", type=click.Path(path_type=Path), help="Diagnose a failed run's log.")
 @click.pass_obj
 def doctor(
@@ -30,6 +35,7 @@ def doctor(
     as_json: bool,
     assume_gpus: tuple[str, ...],
     assume_driver: str | None,
+    assume_arch: str | None,
     log_file: Path | None,
 ) -> None:
     """Which image this machine should run (GPU, driver, Docker), and why a run failed.
@@ -46,7 +52,13 @@ def doctor(
     _, kb, res = obj.load()
     cells = resolve.select(res, selectors)
     report = advice.run(
-        kb, res, cells, assume_gpus=assume_gpus, assume_driver=assume_driver, log_text=log_text
+        kb,
+        res,
+        cells,
+        assume_gpus=assume_gpus,
+        assume_driver=assume_driver,
+        assume_arch=assume_arch,
+        log_text=log_text,
     )
     if as_json:
         emit_json(advice.report_json(report))

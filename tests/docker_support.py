@@ -194,8 +194,12 @@ def docker_engine() -> str:
     return DOCKER
 
 
-def build_options(wheelhouse: Path) -> tuple[str, ...]:
+def build_options(wheelhouse: Path, platform: str = "linux/amd64") -> tuple[str, ...]:
+    # `build cpu` selects every platform's cpu image; the amd64 tier builds amd64 only (the
+    # arm64 one needs its own base image: tests/test_docker_arm64.py).
     return (
+        "--platform",
+        platform,
         "--base-map",
         f"debian:bookworm-slim={BASE_IMAGE}",
         "--ca-bundle",

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from builder.images import BUILD_PLATFORM, CONTEXT_DIR, ImageFacts
+from builder.images import CONTEXT_DIR, ImageFacts
 from builder.project import Project
 
 # buildx validates target and group names against this (bake/bake.go validTargetNameChars),
@@ -59,7 +59,7 @@ def bake_file(
             "tags": list(f.tags),
             "labels": dict(f.labels),
             "args": dict(f.args),
-            "platforms": [BUILD_PLATFORM],
+            "platforms": [f.platform],
         }
         if cache_from:
             target["cache-from"] = cache_from

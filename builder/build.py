@@ -23,7 +23,7 @@ from builder.content import stage_context
 from builder.contract import qualify
 from builder.engine import BuildRequest, DockerEngine, Engine
 from builder.errors import RegistryError
-from builder.jobs import CA_SECRET_ID, BuildJob, BuildOptions
+from builder.jobs import CA_SECRET_ID, BuildJob, BuildOptions, manifest_lists
 from builder.project import Project
 from builder.record import ImageResult, record
 from builder.resolve import DEFAULT_PLATFORM
@@ -231,21 +231,6 @@ def push_image(engine: Engine, job: BuildJob, image_id: str, registry: str, *, f
     if f"{repo}@{digest}" not in engine.repo_digests(target):
         raise RegistryError(f"{target}: pulled image does not carry the pushed digest {digest}")
     return {target: digest}
-
-
-def manifest_lists(jobs: Sequence[BuildJob]) -> dict[str, list[BuildJob]]:
-    """Each published tag (alias, pinned) and the per-platform jobs its manifest list holds.
-
-    An alias can gather several images: each platform's recommended image of the target (the
-    same stack where it can be, README 'Platforms'); a pinned tag is one stack on each platform.
-    """
-    lists: dict[str, list[BuildJob]] = {}
-    for job in jobs:
-        for tag in job.published:
-            entries = lists.setdefault(tag, [])
-            if all(j.platform != job.platform for j in entries):
-                entries.append(job)
-    return lists
 
 
 def publish(

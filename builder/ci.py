@@ -10,7 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from builder.images import BUILD_PLATFORM, CONTEXT_DIR, ImageFacts
+from builder.contract import qualify
+from builder.images import CONTEXT_DIR, ImageFacts
+from builder.jobs import manifest_lists
+
+# GitHub's hosted arm64 runner: native builds, no QEMU (an emulated torch install takes hours).
+ARM64_RUNNER = "ubuntu-24.04-arm"
 
 
 def entry(f: ImageFacts) -> dict[str, Any]:
@@ -24,7 +29,9 @@ def entry(f: ImageFacts) -> dict[str, Any]:
         "family": f.family,
         "dockerfile": f.dockerfile,
         "context": f"build/{CONTEXT_DIR}",
-        "platform": BUILD_PLATFORM,
+        "platform": f.platform,
+        # arm64 builds run on a native arm64 runner; the smoke job's GPU runner must be arm64 too
+        "build_runner": ARM64_RUNNER if f.platform == "linux/arm64" else "ubuntu-latest",
         "tags": list(f.tags),
         # The unqualified name `qwen-ft-images smoke` runs; CI pulls hash_tag and tags it so.
         "local_tag": f.job.tags[0],
@@ -34,7 +41,28 @@ def entry(f: ImageFacts) -> dict[str, Any]:
         # values may contain commas; JSON carries the newlines through $GITHUB_OUTPUT.
         "build_args": "\n".join(f"{k}={v}" for k, v in f.args.items()),
         "cache_ref": f.cache_ref,
-        "runner_labels": list(f.runner_labels),
+        "runner_labels": _runner_labels(f),
+    }
+
+
+def _runner_labels(f: ImageFacts) -> list[str]:
+    labels = list(f.runner_labels)
+    if f.platform != "linux/arm64":
+        return labels
+    if labels == ["ubuntu-latest"]:
+        return [ARM64_RUNNER]
+    return [*labels, "ARM64"]  # a self-hosted runner's default architecture label
+
+
+def lists(images: Sequence[ImageFacts], registry: str) -> dict[str, list[dict[str, Any]]]:
+    """The `publish` job's matrix: each alias/pinned tag and the per-platform content tags its
+    manifest list gathers (`docker buildx imagetools create -t TAG SOURCES...`)."""
+    by_name = {f.job.name: f for f in images}
+    return {
+        "include": [
+            {"tag": qualify(tag, registry), "sources": " ".join(by_name[j.name].hash_tag for j in jobs)}
+            for tag, jobs in manifest_lists([f.job for f in images]).items()
+        ]
     }
 
 

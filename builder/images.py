@@ -17,9 +17,6 @@ from builder.knowledge import Knowledge
 from builder.project import Project
 from builder.resolve import Cell, Resolution
 
-# The images are built for x86_64 only: the torch CUDA wheels, flash-attn's prebuilt
-# wheels and the nvidia/cuda tags the knowledge base records are all x86_64.
-BUILD_PLATFORM = "linux/amd64"
 CONTEXT_DIR = "context"  # build/context/, staged by builder.content.stage_context
 
 
@@ -49,7 +46,12 @@ class ImageFacts:
 
     @property
     def id(self) -> str:
-        return self.job.cell.id
+        """Unique per build: an image built for two platforms is two builds."""
+        return self.job.name
+
+    @property
+    def platform(self) -> str:
+        return self.job.platform
 
     @property
     def digest(self) -> str:

@@ -135,6 +135,21 @@ def plan_jobs(
     return jobs
 
 
+def manifest_lists(jobs: Sequence[BuildJob]) -> dict[str, list[BuildJob]]:
+    """Each published tag (alias, pinned) and the per-platform jobs its manifest list holds.
+
+    An alias can gather several images: each platform's recommended image of the target (the
+    same stack where it can be, README 'Platforms'); a pinned tag is one stack on each platform.
+    """
+    lists: dict[str, list[BuildJob]] = {}
+    for job in jobs:
+        for tag in job.published:
+            entries = lists.setdefault(tag, [])
+            if all(j.platform != job.platform for j in entries):
+                entries.append(job)
+    return lists
+
+
 def check_committed(project: Project, jobs: Sequence[BuildJob]) -> None:
     """Refuse when a job's committed Dockerfile differs from its render.
 

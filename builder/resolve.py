@@ -126,6 +126,12 @@ class Cell(_Verdict):
         """Stable, readable id; also the folder name under images/."""
         return (self.alias if self.recommended else self.pinned) + self.suffix
 
+    @property
+    def local_ref(self) -> str:
+        """The local tag of this image's first platform (builder.jobs.local_suffix): what smoke
+        and audit run. A registry has the plain tag, as a manifest list."""
+        return self.plan.tags[0] + self.suffix
+
 
 @dataclass(frozen=True)
 class Rejected(_Verdict):

@@ -97,7 +97,7 @@ def plan_image(
         flags = () if gpu else ("--device", "cpu", "--dtype", "fp32", "--attn", "sdpa")
         return ImagePlan(
             name=cell.id,
-            ref=plan.tags[0],
+            ref=cell.local_ref,
             target=cell.spec.target,
             sm=cell.sm,
             dtype=plan.dtype,
@@ -161,14 +161,14 @@ def check_built(engine: SmokeEngine, cells: Sequence[Cell]) -> None:
     missing: list[Cell] = []
     foreign: list[str] = []
     for cell in cells:
-        ref = cell.plan.tags[0]
+        ref = cell.local_ref
         labels = engine.image_labels(ref)
         if labels is None:
             missing.append(cell)
         elif labels.get(contract.TARGET) != cell.spec.target:
             foreign.append(f"{ref} (its {contract.TARGET} label is {labels.get(contract.TARGET)!r})")
     if missing:
-        refs = ", ".join(c.plan.tags[0] for c in missing)
+        refs = ", ".join(c.local_ref for c in missing)
         names = " ".join(c.id for c in missing)
         noun = "image" if len(missing) == 1 else "images"
         raise ConfigError(f"{noun} {refs} not built; run qwen-ft-images build {names}")

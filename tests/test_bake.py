@@ -69,7 +69,9 @@ def test_structure_follows_bake_json(baked: tuple[Path, dict[str, Any]]) -> None
         assert all(isinstance(v, str) for v in target["tags"] + target["platforms"])
         assert all(isinstance(k, str) and isinstance(v, str) for k, v in target["labels"].items())
         assert all(isinstance(k, str) and isinstance(v, str) for k, v in target["args"].items())
-        assert target["platforms"] == ["linux/amd64"]
+        # one platform per target: a classic image store (--load) holds one platform per tag
+        assert target["platforms"] == (["linux/arm64"] if name.endswith("-arm64") else ["linux/amd64"])
+        assert name.endswith("-arm64") == any(t.endswith("-arm64") for t in target["tags"][:-1])
         assert target["cache-from"] == [
             f"type=registry,ref=ghcr.io/acme/qwen-ft:buildcache-{_cell_id(target)}"
         ]
@@ -85,7 +87,8 @@ def test_groups_per_gpu_family(baked: tuple[Path, dict[str, Any]]) -> None:
     _, data = baked
     groups = data["group"]
     assert groups["volta"]["targets"] == ["v100-fp16", "v100-fp16-cu128-torch2_8_0-py3_10"]
-    assert groups["ada"]["targets"] == ["l4-bf16"] and groups["cpu"]["targets"] == ["cpu-fp32"]
+    assert groups["ada"]["targets"] == ["l4-bf16"]
+    assert groups["cpu"]["targets"] == ["cpu-fp32", "cpu-fp32-arm64"]
     assert list(groups)[-1] == "default"
 
 
@@ -109,7 +112,7 @@ def test_in_sync_with_render_and_ci(baked: tuple[Path, dict[str, Any]]) -> None:
         dockerfile = (project / target["context"] / target["dockerfile"]).resolve()
         assert dockerfile == (project / "images" / cell.id / "Dockerfile").resolve()
         assert dockerfile.read_text() == files[Project.at(project).dockerfile(cell.id)]
-        assert target["tags"][:-1] == [f"ghcr.io/acme/{t}" for t in cell.plan.tags]
+        assert target["tags"][:-1] == [f"ghcr.io/acme/{t}{cell.suffix}" for t in cell.plan.tags]
         assert target["tags"][-1] == hash_tags[cell.id]
         assert target["args"]["BASE_IMAGE"] == cell.plan.base_image
         assert {k: v for k, v in target["labels"].items() if k != "io.qwen-ft.content-hash"} == dict(

@@ -44,17 +44,26 @@ def include() -> list[dict[str, Any]]:
 
 def test_one_entry_per_image(include: list[dict[str, Any]], matrix: MatrixConfig, kb: Knowledge) -> None:
     res = resolve.resolve(matrix, kb)
+    # one entry per image and platform; every image of the shipped matrix has one platform
+    assert all(len(c.platforms) == 1 for c in res.cells)
     assert [e["id"] for e in include] == [c.id for c in res.cells]
     for entry, cell in zip(include, res.cells, strict=True):
         assert cell.plan is not None
         assert (ROOT / entry["dockerfile"]).is_file()
         assert entry["dockerfile"] == f"images/{cell.id}/Dockerfile"
-        assert entry["tags"][:-1] == [f"ghcr.io/acme/{t}" for t in cell.plan.tags]
+        assert entry["tags"][:-1] == [f"ghcr.io/acme/{t}{cell.suffix}" for t in cell.plan.tags]
         assert entry["tags"][-1] == entry["hash_tag"]
         assert re.fullmatch(rf"ghcr\.io/acme/qwen-ft:{cell.spec.target}-[0-9a-f]{{12}}", entry["hash_tag"])
         assert entry["hash_tag"].endswith(entry["content_hash"][:12])
-        assert entry["platform"] == "linux/amd64" and entry["context"] == "build/context"
-        assert entry["runner_labels"] == list(matrix.targets[cell.spec.target].runner_labels)
+        assert entry["platform"] == cell.platforms[0] and entry["context"] == "build/context"
+        labels = list(matrix.targets[cell.spec.target].runner_labels)
+        if entry["platform"] == "linux/arm64":
+            # native arm64 runners build and smoke the arm64 images, never QEMU
+            assert entry["build_runner"] == "ubuntu-24.04-arm"
+            labels = ["ubuntu-24.04-arm"] if labels == ["ubuntu-latest"] else [*labels, "ARM64"]
+        else:
+            assert entry["build_runner"] == "ubuntu-latest"
+        assert entry["runner_labels"] == labels
         assert entry["alias"] == (cell.alias if cell.recommended else None)
         args = dict(line.split("=", 1) for line in entry["build_args"].splitlines())
         assert args["BASE_IMAGE"] == cell.plan.base_image
@@ -62,6 +71,16 @@ def test_one_entry_per_image(include: list[dict[str, Any]], matrix: MatrixConfig
         assert entry["cache_ref"] == f"ghcr.io/acme/qwen-ft:buildcache-{cell.id}"
     cpu = next(e for e in include if e["target"] == "cpu")
     assert cpu["runner_labels"] == ["ubuntu-latest"] and cpu["family"] == "cpu"
+
+
+def test_lists_gather_each_platform_content_tag() -> None:
+    proc = cli("ci-matrix", "--lists", "--registry", "ghcr.io/acme", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    lists = {e["tag"]: e["sources"].split() for e in json.loads(proc.stdout)["include"]}
+    alias = lists["ghcr.io/acme/qwen-ft:cpu-fp32"]
+    assert len(alias) == 2 and all(re.fullmatch(r"ghcr\.io/acme/qwen-ft:cpu-[0-9a-f]{12}", s) for s in alias)
+    assert lists["ghcr.io/acme/qwen-ft:cpu-fp32-torch2.13.0-py3.11"] == alias[:1]
+    assert lists["ghcr.io/acme/qwen-ft:cpu-fp32-torch2.10.0-py3.11"] == alias[1:]
 
 
 def test_hash_tags_match_the_build_engine(
@@ -118,10 +137,19 @@ def test_workflow_matrix_comes_from_the_cli() -> None:
 
 
 def test_workflow_uses_only_fields_the_cli_emits(include: list[dict[str, Any]]) -> None:
-    expressions = re.findall(r"\$\{\{(.*?)\}\}", WORKFLOW.read_text())
+    jobs = yaml.safe_load(WORKFLOW.read_text())["jobs"]
+    # the publish job reads the --lists matrix; every other job the image matrix
+    publish = yaml.safe_dump(jobs.pop("publish"))
+    expressions = re.findall(r"\$\{\{(.*?)\}\}", yaml.safe_dump(jobs))
     used = {f for e in expressions for f in re.findall(r"(?<![\w.])matrix\.([a-z_]+)", e)}
     assert used, "the workflow reads matrix fields"
     assert used <= set(include[0]), f"unknown fields: {used - set(include[0])}"
+    listed = {
+        f
+        for e in re.findall(r"\$\{\{(.*?)\}\}", publish)
+        for f in re.findall(r"(?<![\w.])matrix\.([a-z_]+)", e)
+    }
+    assert listed == {"tag", "sources"}
     assert set(include[0]) == set(ci.entry(images_facts_first()))
 
 

@@ -73,7 +73,7 @@ def command(
     project = obj.project
     if selectors or not refs:
         _, _, res = obj.load()
-        targets += [(cell.id, cell.plan.tags[0]) for cell in resolve.select(res, selectors)]
+        targets += [(cell.id, cell.local_ref) for cell in resolve.select(res, selectors)]
     targets += [(ref, ref) for ref in refs]
     console = stderr_console()
 

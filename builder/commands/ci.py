@@ -14,14 +14,20 @@ from builder.commands.common import Context, emit_json, option
 @click.argument("selectors", nargs=-1)
 @option("as_json", help='{"include": [...]} on one line, for $GITHUB_OUTPUT.')
 @option("registry")
+@click.option(
+    "--lists", "as_lists", is_flag=True, help="The publish job's matrix: manifest lists to assemble."
+)
 @click.pass_obj
-def ci_matrix(obj: Context, /, selectors: tuple[str, ...], **cli: object) -> None:
-    """The GitHub Actions build/smoke matrix: one entry per selected image."""
+def ci_matrix(obj: Context, /, selectors: tuple[str, ...], as_lists: bool, **cli: object) -> None:
+    """The GitHub Actions build/smoke matrix: one entry per selected image and platform."""
     from builder import ci, images, resolve
 
     cfg, kb, res = obj.load()
     settings = obj.settings(cli, cfg=cfg)
     facts = images.facts(obj.project, res, kb, resolve.select(res, selectors), registry=settings["registry"])
+    if as_lists:
+        emit_json(ci.lists(facts, settings["registry"]), compact=True)
+        return
     if settings["as_json"]:
         emit_json(ci.include(facts), compact=True)
         return

@@ -1449,14 +1449,24 @@ def select(resolution: Resolution, selectors: Iterable[str]) -> tuple[Cell, ...]
     return tuple(c for c in resolution.cells if c in chosen)
 
 
-def select_one(resolution: Resolution, name: str) -> Cell | None:
-    """The one image `name` names (target -> its recommended image), or None if it names none."""
+def on_platform(cells: Iterable[Cell], platform: str, selectors: Iterable[str]) -> tuple[Cell, ...]:
+    """The cells to run on a host of `platform`: its own images, plus any other platform's image
+    named by its exact id (it then runs under emulation). `smoke cpu` on x86_64 runs cpu-fp32;
+    `smoke cpu-fp32-arm64` runs the arm64 one through qemu."""
+    named = set(selectors)
+    return tuple(c for c in cells if platform in c.platforms or c.id in named)
+
+
+def select_one(resolution: Resolution, name: str, platform: str = DEFAULT_PLATFORM) -> Cell | None:
+    """The one image `name` names (target -> its recommended image on `platform`), or None."""
     try:
         hits = select(resolution, [name])
     except ConfigError:
         return None
     if len(hits) > 1:
         hits = tuple(c for c in hits if c.recommended) or hits
+    if len(hits) > 1:
+        hits = on_platform(hits, platform, [name]) or hits
     if len(hits) > 1:
         raise ConfigError(
             f"'{name}' names {len(hits)} images ({', '.join(c.id for c in hits)}); name one by its id"

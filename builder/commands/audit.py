@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from builder.commands.common import Context, interruptible, option, stderr_console
+from builder.commands.common import Context, host_platform, interruptible, option, stderr_console
 from builder.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -73,7 +73,10 @@ def command(
     project = obj.project
     if selectors or not refs:
         _, _, res = obj.load()
-        targets += [(cell.id, cell.local_ref) for cell in resolve.select(res, selectors)]
+        targets += [
+            (cell.id, cell.local_ref)
+            for cell in resolve.on_platform(resolve.select(res, selectors), host_platform(), selectors)
+        ]
     targets += [(ref, ref) for ref in refs]
     console = stderr_console()
 

@@ -180,3 +180,13 @@ def stderr_console() -> Any:
     if not console.is_terminal:
         console = Console(stderr=True, highlight=False, width=150)
     return console
+
+
+def host_platform() -> str:
+    """This machine's OCI platform (linux/amd64 when its CPU is not one the images know)."""
+    import platform
+
+    from builder.knowledge import platforms
+
+    found = platforms.load().by_machine(platform.machine())
+    return found.name if found else "linux/amd64"

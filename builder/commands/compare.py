@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from builder.commands.common import Context, interrupt_as, option
+from builder.commands.common import Context, host_platform, interrupt_as, option
 from builder.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -107,7 +107,7 @@ def command(
     kb = knowledge.load()
     if obj.matrix_path.exists():
         cfg, kb, res = obj.load()
-        cell = resolve.select_one(res, image_or_target)
+        cell = resolve.select_one(res, image_or_target, host_platform())
     subject, executor = comparison.locate(
         project,
         image_or_target,

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from builder.commands.common import Context, interruptible, option, stderr_console
+from builder.commands.common import Context, host_platform, interruptible, option, stderr_console
 from builder.errors import ConfigError
 from builder.smoke import (
     DEFAULT_TIMEOUT_S,
@@ -107,7 +107,7 @@ def command(
         project,
         kb,
         cfg,
-        resolve.select(res, selectors),
+        resolve.on_platform(resolve.select(res, selectors), host_platform(), selectors),
         options,
         docker=settings["docker"],
         audit_options=audit_options,

@@ -9,7 +9,9 @@ import argparse
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__
 from .env import ATTNS, DTYPES, ENV_VARS, FLAGS, Plan
@@ -17,6 +19,7 @@ from .errors import OOM_HINT, UsageError
 from .report import emit, stdout_to_stderr
 
 PROG = "qwen-ft-runtime"
+RANK_ERROR_PAUSE_S = 5.0
 
 
 def _positive_int(text: str) -> int:
@@ -104,7 +107,7 @@ def _prelaunch(args: argparse.Namespace) -> int:
     """Check what can be checked once, before any rank starts, and count the ranks."""
     from .dist import check_batch, parse_nproc, resolve_nproc
 
-    requested = parse_nproc(args.nproc)
+    requested = parse_nproc(args.nproc or "1")
     spec = None
     if args.deepspeed:
         from .ds import load_spec
@@ -115,8 +118,6 @@ def _prelaunch(args: argparse.Namespace) -> int:
 
         validate_inputs(args)
     elif args.model:
-        from pathlib import Path
-
         from .model import checkpoint_model_type
 
         checkpoint_model_type(Path(args.model))
@@ -125,6 +126,10 @@ def _prelaunch(args: argparse.Namespace) -> int:
     gpus = torch.cuda.device_count() if args.device != "cpu" else 0
     nproc = resolve_nproc(requested, args.device, gpus)
     check_batch(args.batch_size, nproc)
+    if args.command == "train":
+        from .train import check_resume_state, resolve_resume
+
+        check_resume_state(resolve_resume(args.resume, Path(args.output)), args.deepspeed, nproc)
     if spec is not None:
         from .ds import check_spec
 
@@ -140,7 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     rank0 = not in_launched_rank() or os.environ.get("RANK") == "0"
     try:
-        if args.command in ("smoke", "train") and args.nproc is not None and not in_launched_rank():
+        wants_ranks = args.command in ("smoke", "train") and (args.nproc or args.deepspeed)
+        if wants_ranks and not in_launched_rank():
             nproc = _prelaunch(args)
             if nproc > 1:
                 from .dist import launch, strip_nproc
@@ -166,9 +172,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             emit(payload)
         return code
     except UsageError as exc:
-        # Every rank reads the same inputs and fails the same way: one line is enough.
-        if rank0:
-            print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        if not rank0:
+            # Every rank reads the same inputs and usually fails the same way. Rank 0 says so
+            # and exits first, and torchrun then stops this rank before it repeats the line;
+            # an error of this rank alone still gets printed after the pause.
+            time.sleep(RANK_ERROR_PAUSE_S)
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)

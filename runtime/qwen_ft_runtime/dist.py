@@ -42,6 +42,10 @@ def resolve_nproc(requested: int | str, device: str, gpu_count: int) -> int:
             )
         return gpu_count
     assert isinstance(requested, int)
+    if use_gpu and gpu_count == 0:
+        raise UsageError(
+            f"--nproc {requested} on --device cuda but no GPU is visible; use --device cpu for CPU ranks"
+        )
     if use_gpu and requested > gpu_count:
         raise UsageError(
             f"--nproc {requested} but only {gpu_count} GPU(s) visible "
@@ -111,8 +115,9 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     try:
         torchrun(args)
     except ChildFailedError as exc:
-        failures = exc.failures
-        first = failures.get(0) or failures[min(failures)]
+        # The rank that failed first holds the cause; torchrun then kills the rest (by signal,
+        # a negative exit code).
+        _, first = exc.get_first_failure()
         code = int(first.exitcode)
         return code if code > 0 else 1
     return 0
@@ -166,13 +171,18 @@ def init(device_type: str, *, deepspeed: bool) -> DistContext:
 
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     world = int(os.environ["WORLD_SIZE"])
+    ctx = DistContext(rank, local_rank, world, None, None)
+    quiet_other_ranks(ctx)
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)  # before the group, so NCCL binds the right GPU
     if not torch_dist.is_initialized():
         if deepspeed:
-            import deepspeed as ds  # type: ignore[import-not-found, unused-ignore]
+            from .ds import import_deepspeed, no_jit_comm_on_cpu
 
+            ds = import_deepspeed()
+            if device_type == "cpu" and no_jit_comm_on_cpu():
+                log.info("deepspeed: shm comm op not prebuilt; CPU ranks use gloo collectives")
             ds.init_distributed(dist_backend=backend)
         else:
             torch_dist.init_process_group(backend=backend)

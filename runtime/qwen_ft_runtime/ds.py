@@ -229,6 +229,28 @@ def import_deepspeed() -> Any:
     return deepspeed
 
 
+SHM_OP = "deepspeed_shm_comm"
+
+
+def no_jit_comm_on_cpu() -> bool:
+    """Keep DeepSpeed from compiling its shared-memory all-reduce op when CPU ranks start.
+
+    DeepSpeed's CPU accelerator JIT-builds `deepspeed_shm_comm` with the host's C++ compiler
+    as its process group comes up; with no compiler that is a fatal `Error building extension
+    'deepspeed_shm_comm'`, and with one it costs about a minute on the first run. Marking the
+    op incompatible (unless it was prebuilt) makes DeepSpeed use the plain gloo collectives.
+    Returns whether the op was turned off.
+    """
+    import deepspeed.ops  # type: ignore[import-not-found, unused-ignore]
+    from deepspeed.git_version_info import installed_ops  # type: ignore[import-not-found, unused-ignore]
+
+    if installed_ops.get(SHM_OP):
+        return False
+    compatible = deepspeed.ops.__compatible_ops__  # computed on first access
+    compatible[SHM_OP] = False
+    return True
+
+
 def hf_zero3_context(config: dict[str, Any]) -> Any:
     """Keep this alive while loading a checkpoint under ZeRO-3: transformers then builds the
     model inside `deepspeed.zero.Init`, so each rank only ever holds its shard of the weights."""

@@ -437,18 +437,8 @@ def restore_checkpoint(
     state = json.loads(state_file.read_text(encoding="utf-8"))
     if state.get("method") != config.method:
         raise UsageError(f"{path} was trained with --method {state.get('method')}, not {config.method}")
-    saved_ds = state.get("deepspeed")
-    this_ds = engine.spec.name if engine is not None else None
-    if saved_ds != this_ds:
-        raise UsageError(
-            f"{path} was saved {'with --deepspeed ' + saved_ds if saved_ds else 'without --deepspeed'}; "
-            "resume it the same way"
-        )
-    if engine is not None and state.get("world_size", 1) != ctx.world_size:
-        raise UsageError(
-            f"{path} holds ZeRO shards for {state.get('world_size', 1)} ranks; resume with "
-            f"--nproc {state.get('world_size', 1)}"
-        )
+    # --deepspeed and world-size mismatches were refused before any rank started
+    # (train.check_resume_state).
     for key in ("seed", "batch_size", "dtype"):
         if state.get(key) != getattr(config, key):
             log.warning(

@@ -181,9 +181,11 @@ def prepare(
 def param_counts(model: Any) -> tuple[int, int]:
     trainable = total = 0
     for parameter in model.parameters():
-        total += parameter.numel()
+        # A ZeRO-3 parameter is an empty placeholder; ds_numel is its full size.
+        count = int(getattr(parameter, "ds_numel", parameter.numel()))
+        total += count
         if parameter.requires_grad:
-            trainable += parameter.numel()
+            trainable += count
     return trainable, total
 
 

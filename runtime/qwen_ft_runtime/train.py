@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ def default_lr(dtype: str) -> float:
     return FP16_LR if dtype == "fp16" else DEFAULT_LR
 
 
-def _resolve_resume(resume: str | None, output: Path) -> Path | None:
+def resolve_resume(resume: str | None, output: Path) -> Path | None:
     from .loop import find_latest_checkpoint
 
     if resume is None:
@@ -43,6 +45,23 @@ def _resolve_resume(resume: str | None, output: Path) -> Path | None:
     return path
 
 
+def check_resume_state(checkpoint: Path | None, deepspeed: str | None, world_size: int) -> None:
+    """A checkpoint resumes only the way it was saved: DeepSpeed's ZeRO shards are not the plain
+    optimizer state, and they are split for a fixed number of ranks."""
+    if checkpoint is None:
+        return
+    state = json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))
+    saved = state.get("deepspeed")
+    if saved != deepspeed:
+        how = f"with --deepspeed {saved}" if saved else "without --deepspeed"
+        raise UsageError(f"{checkpoint} was saved {how}; resume it the same way")
+    saved_world = int(state.get("world_size", 1))
+    if deepspeed and saved_world != world_size:
+        raise UsageError(
+            f"{checkpoint} holds ZeRO shards for {saved_world} ranks; resume with --nproc {saved_world}"
+        )
+
+
 def validate_inputs(args: argparse.Namespace) -> list[Any]:
     """Everything a user can get wrong, checked before torch is imported (seconds)."""
     checkpoint_model_type(Path(args.model))
@@ -56,7 +75,8 @@ def validate_inputs(args: argparse.Namespace) -> list[Any]:
 
 def run_train(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     conversations = validate_inputs(args)
-    resume = _resolve_resume(args.resume, Path(args.output))
+    resume = resolve_resume(args.resume, Path(args.output))
+    check_resume_state(resume, args.deepspeed, int(os.environ.get("WORLD_SIZE", "1")))
     spec = None
     if args.deepspeed:
         from .ds import load_spec

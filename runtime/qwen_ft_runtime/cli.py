@@ -156,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .contract import run_contract
 
             overrides = {field: getattr(args, f"plan_{field}") for field in FLAGS}
-            payload, ok = run_contract(Plan.load(overrides=overrides))
+            with stdout_to_stderr():  # a GPU contract imports DeepSpeed ops, which log to stdout
+                payload, ok = run_contract(Plan.load(overrides=overrides))
             emit(payload)
             return 0 if ok else 1
         with stdout_to_stderr():

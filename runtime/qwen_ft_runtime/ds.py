@@ -22,7 +22,7 @@ from .errors import UsageError
 log = logging.getLogger(__name__)
 
 PRESETS = ("zero2", "zero3", "zero2-offload", "zero3-offload")
-CONFIG_PACKAGE = "qwen_ft_runtime.ds_configs"
+CONFIG_DIR = "ds_configs"  # package data of qwen_ft_runtime (pyproject package-data)
 
 # Trainer defaults (HF TrainingArguments) for the optimizer values Qwen's configs leave `auto`.
 ADAM_BETAS = [0.9, 0.999]
@@ -50,7 +50,7 @@ class DsSpec:
 
 
 def preset_path(name: str) -> Path:
-    return Path(str(resources.files(CONFIG_PACKAGE).joinpath(f"{name}.json")))
+    return Path(str(resources.files("qwen_ft_runtime").joinpath(CONFIG_DIR, f"{name}.json")))
 
 
 def load_spec(value: str) -> DsSpec:

@@ -58,7 +58,9 @@ def fake_deepspeed(
 @pytest.fixture
 def on_path(monkeypatch: pytest.MonkeyPatch) -> Any:
     def install(root: Path) -> None:
-        monkeypatch.delitem(sys.modules, "deepspeed", raising=False)
+        # transformers/accelerate may have imported the real DeepSpeed already.
+        for name in [m for m in sys.modules if m == "deepspeed" or m.startswith("deepspeed.")]:
+            monkeypatch.delitem(sys.modules, name)
         monkeypatch.syspath_prepend(str(root))
 
     return install

@@ -17,7 +17,6 @@ Three stages, each testable alone:
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import hashlib
 import json
 import re
@@ -26,24 +25,23 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 import zipfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from functools import cache
-from importlib import resources
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import yaml
-from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
+from builder import contract
 from builder.engine import ContainerEngine, parse_json_lines
-from builder.errors import ConfigError, EngineError, KnowledgeError
+from builder.errors import AuditFailed, ConfigError, EngineError
+from builder.knowledge.waivers import Waiver, load_waivers
 
-SM_LABEL = "io.qwen-ft.sm"
-TARGET_LABEL = "io.qwen-ft.target"
-RUN_LABEL = "io.qwen-ft.audit-run"
+if TYPE_CHECKING:
+    from builder.project import Project
+
 MOUNT = "/opt/qwen-ft-audit"
 DEFAULT_TIMEOUT_S = 900.0
 
@@ -113,7 +111,7 @@ def sass_runs_on(arch: Arch, target: int) -> bool:
     """Binary compatibility: same major and minor <= target's; sm_XYa only on sm_XY."""
     if arch.variant == "a":
         return arch.sm == target
-    return arch.major == target // 10 and arch.minor <= target % 10
+    return contract.runs_on(arch.sm, target)
 
 
 def ptx_jits_for(arch: Arch, target: int) -> bool:
@@ -187,47 +185,6 @@ def parse_embedded(data: Mapping[str, Any] | None) -> Listing:
         arch = Arch(int(sm))
         bucket[arch] = bucket.get(arch, 0) + int(n)
     return Listing(sass, ptx)
-
-
-# ----------------------------------------------------------------------------- waivers
-
-
-@dataclass(frozen=True)
-class Waiver:
-    id: str
-    dist: str
-    file: str
-    sm: SpecifierSet | None
-    reason: str
-    source: str
-
-    def applies(self, dist: str | None, path: str, target: int) -> bool:
-        name = path.rsplit("/", 1)[-1]
-        if not fnmatch.fnmatchcase(name, self.file) or not fnmatch.fnmatchcase(dist or "", self.dist):
-            return False
-        return self.sm is None or Version(str(target)) in self.sm
-
-
-@cache
-def load_waivers() -> tuple[Waiver, ...]:
-    text = resources.files("builder.knowledge").joinpath("kernels.yaml").read_text(encoding="utf-8")
-    data = yaml.safe_load(text)
-    out = []
-    try:
-        for w in data["waivers"]:
-            out.append(
-                Waiver(
-                    id=str(w["id"]),
-                    dist=str(w["dist"]),
-                    file=str(w["file"]),
-                    sm=SpecifierSet(str(w["sm"])) if w.get("sm") else None,
-                    reason=" ".join(str(w["reason"]).split()),
-                    source=" ".join(str(w["source"]).split()),
-                )
-            )
-    except (KeyError, TypeError, InvalidSpecifier) as exc:
-        raise KnowledgeError(f"builder/knowledge/kernels.yaml is malformed: {exc!r}") from exc
-    return tuple(out)
 
 
 # ----------------------------------------------------------------------------- judging
@@ -376,7 +333,7 @@ class AuditResult:
     image: str  # what the user named: a cell id or an image ref
     ref: str
     image_id: str | None
-    target: str | None  # the io.qwen-ft.target label
+    target: str | None  # the image's target label
     sm: int | None  # None: a CPU image, nothing to audit
     sm_source: str  # "label" | "--sm"
     binaries: tuple[BinaryVerdict, ...] = ()
@@ -522,7 +479,7 @@ def find_cuobjdump(
             last = next((line for line in reversed(tail) if "ignored" not in line), "no output")
             raise ConfigError(
                 f"the audit needs cuobjdump, and `pip download {CUOBJDUMP_PACKAGE}=={CUOBJDUMP_VERSION}` "
-                f"failed ({last.strip()[:160]}); offline, pass --wheelhouse DIR holding "
+                f"failed ({last.strip()[:160]}); offline, pass --cuobjdump-wheelhouse DIR holding "
                 f"{wheel_filename(machine)}, or --cuobjdump PATH"
             )
         digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
@@ -581,17 +538,17 @@ def target_sm(ref: str, labels: Mapping[str, str] | None, sm: int | str | None) 
         raise ConfigError(f"image {ref} not found; build it first (qwen-ft-images build), or docker pull it")
     if sm is not None:
         return parse_sm(sm), "--sm"
-    label = labels.get(SM_LABEL)
+    label = labels.get(contract.SM)
     if label is None:
         raise ConfigError(
-            f"{ref} was not built by qwen-ft-images (no {SM_LABEL} label); pass --sm N to audit it anyway"
+            f"{ref} was not built by qwen-ft-images (no {contract.SM} label); pass --sm N to audit it anyway"
         )
     if label.strip().lower() in ("", "none"):
         return None, "label"
     try:
         return parse_sm(label), "label"
     except ConfigError:
-        raise ConfigError(f"{ref}: label {SM_LABEL}={label!r} is not an SM; pass --sm N") from None
+        raise ConfigError(f"{ref}: label {contract.SM}={label!r} is not an SM; pass --sm N") from None
 
 
 def audit_image(
@@ -606,7 +563,7 @@ def audit_image(
     timeout: float = DEFAULT_TIMEOUT_S,
     labels: Mapping[str, str] | None = None,
 ) -> AuditResult:
-    """Audit one image against `sm` (default: its io.qwen-ft.sm label).
+    """Audit one image against `sm` (default: its SM label).
 
     Raises ConfigError (exit 2) for a missing or foreign image or a missing cuobjdump, and
     EngineError (exit 5) when the probe cannot run; a failing verdict is in the result
@@ -620,7 +577,7 @@ def audit_image(
         image=name or image_ref,
         ref=image_ref,
         image_id=engine.image_id(image_ref),
-        target=image_labels.get(TARGET_LABEL),
+        target=image_labels.get(contract.TARGET),
         sm=target,
         sm_source=source,
     )
@@ -662,3 +619,64 @@ def write_report(build: Path, report: Mapping[str, Any]) -> Path:
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)
     return path
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def execute(
+    project: Project,
+    targets: Sequence[tuple[str, str]],
+    sm: str | None,
+    *,
+    docker: str,
+    wheelhouse: Path | None,
+    cuobjdump: Path | None,
+    timeout: float,
+    on_image: Callable[[str, str, AuditResult | None], None],
+) -> tuple[list[AuditResult], dict[str, Any]]:
+    """Check every (name, ref) is built, audit each in turn, and return the results and report."""
+    from builder.engine import CommandLog, DockerEngine
+
+    engine = DockerEngine(docker, CommandLog(project.logs / "commands.sh"))
+    # Not engine.check(): that also insists on BuildKit, which running a container does not need.
+    engine_version = str(engine.client.version().get("Version", "unknown"))
+    missing = [ref for _, ref in targets if engine.image_labels(ref) is None]
+    if missing:
+        names = " ".join(name for name, ref in targets if ref in missing and name != ref)
+        hint = f"; run qwen-ft-images build {names}" if names else ""
+        raise ConfigError(f"not built: {', '.join(missing)}{hint}")
+    started = time.time()
+    labels = {contract.AUDIT_RUN: uuid.uuid4().hex[:12]}
+    results: list[AuditResult] = []
+    for name, ref in targets:
+        on_image(name, ref, None)
+        result = audit_image(
+            engine,
+            ref,
+            sm,
+            name=name,
+            cache_dir=project.build / "cache" / "audit",
+            wheelhouse=wheelhouse,
+            cuobjdump=cuobjdump,
+            timeout=timeout,
+            labels=labels,
+        )
+        results.append(result)
+        on_image(name, ref, result)
+    meta = {"command": "audit", "started": started, "seconds": round(time.time() - started, 2)}
+    return results, report_json(results, {**meta, "engine": engine_version})
+
+
+def raise_for_failures(results: Sequence[AuditResult]) -> None:
+    failed = [r for r in results if not r.ok]
+    if not failed:
+        return
+    lines = [line for r in failed for line in failure_lines(r)]
+    more = f" (+{len(lines) - 3} more)" if len(lines) > 3 else ""
+    count = sum(len(r.failures) for r in failed)
+    raise AuditFailed(
+        f"{count} {'binary lacks' if count == 1 else 'binaries lack'} kernels for the target GPU: "
+        + "; ".join(lines[:3])
+        + more
+    )

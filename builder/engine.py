@@ -30,6 +30,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from packaging.version import InvalidVersion, Version
 
 from builder.errors import EngineError, Interrupted, RegistryError
+from builder.options import BY_NAME
+
+DOCKER_ENV = BY_NAME["docker"].env
 
 if TYPE_CHECKING:
     import docker
@@ -109,14 +112,243 @@ class ContainerEngine(Protocol):
 
 
 def docker_executable(configured: str | None) -> str:
-    exe = configured or os.environ.get("QWEN_FT_DOCKER") or "docker"
+    # builder.options resolved --docker, its env var and the default already.
+    exe = configured or "docker"
     found = shutil.which(exe)
     if found is None:
         raise EngineError(
             f"docker executable '{exe}' not found; install the Docker CLI or pass --docker PATH "
-            "(or set QWEN_FT_DOCKER)"
+            f"(or set {DOCKER_ENV})"
         )
     return found
+
+
+# (exit status, stdout) of a command, or None when the program is not there; injectable
+# so `doctor` can probe through its own runner and tests through a table.
+ProbeRun = Callable[[Sequence[str]], "tuple[int, str] | None"]
+
+
+def _probe_run(argv: Sequence[str]) -> tuple[int, str] | None:
+    try:
+        done = subprocess.run(list(argv), capture_output=True, text=True, timeout=60, check=False)
+    except (FileNotFoundError, PermissionError):
+        return None
+    except subprocess.TimeoutExpired:
+        return 124, ""
+    return done.returncode, done.stdout
+
+
+@dataclass(frozen=True)
+class BuildClient:
+    """A docker CLI and the BuildKit path it builds through (None: it has none)."""
+
+    exe: str
+    path: str | None  # "buildx" | "builtin" | None
+    version: str = ""  # the client's version; asked only when there is no buildx
+    buildx: str = ""  # `docker buildx version`, e.g. "github.com/docker/buildx v0.13.1 <rev>"
+
+    @property
+    def argv(self) -> list[str]:
+        return [self.exe, "buildx", "build", "--load"] if self.path == "buildx" else [self.exe, "build"]
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"DOCKER_BUILDKIT": "1"} if self.path == "builtin" else {}
+
+    def has(self) -> str:
+        if self.path == "buildx":
+            return "has the buildx plugin"
+        return f"({self.version}) has built-in BuildKit" if self.path == "builtin" else "has no BuildKit"
+
+    def describe(self) -> str:
+        """One line for `doctor` and the notes: the command builds run and which client runs it."""
+        if self.path == "buildx":
+            words = self.buildx.split()
+            plugin = f"buildx {words[1]}" if len(words) > 1 else "buildx"
+            return f"docker buildx build --load ({self.exe}, {plugin})"
+        if self.path == "builtin":
+            return f"DOCKER_BUILDKIT=1 docker build ({self.exe} {self.version}, built-in BuildKit)"
+        return f"none ({self.exe} {self.version or '?'} has no buildx plugin and no built-in BuildKit)"
+
+
+def probe_build_client(exe: str, run: ProbeRun = _probe_run) -> BuildClient | None:
+    """How `exe` builds: the buildx plugin if it has one, else built-in BuildKit if it is pre-23.
+
+    None when `exe` cannot be run at all.
+    """
+    buildx = run([exe, "buildx", "version"])
+    if buildx is None:
+        return None
+    if buildx[0] == 0:
+        return BuildClient(exe, "buildx", buildx=buildx[1].strip())
+    client = run([exe, "version", "--format", "{{.Client.Version}}"])
+    raw = client[1].strip() if client is not None else ""
+    try:
+        version = Version(re.sub(r"[+~].*$", "", raw))
+    except InvalidVersion:
+        version = Version("0")
+    return BuildClient(exe, "builtin" if version < _CLI_BUILTIN_BUILDKIT_MAX else None, version=raw)
+
+
+def docker_clients_on_path(name: str = "docker") -> list[str]:
+    """Every `docker` on PATH in order (`which -a`), one per real file (/bin -> /usr/bin)."""
+    seen: set[str] = set()
+    found: list[str] = []
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = Path(folder or ".") / name
+        real = str(candidate.resolve())
+        if candidate.is_file() and os.access(candidate, os.X_OK) and real not in seen:
+            seen.add(real)
+            found.append(str(candidate))
+    return found
+
+
+def find_build_client(
+    exe: str, run: ProbeRun = _probe_run, others: Sequence[str] | None = None
+) -> BuildClient:
+    """The client builds go through: `exe` itself, or a one-line error that names a client that works.
+
+    Another client is named, never switched to: it may be a different Docker install with
+    its own plugins and defaults, so using it is the user's explicit choice (--docker).
+    """
+    client = probe_build_client(exe, run)
+    if client is not None and client.path is not None:
+        return client
+    version = f" ({client.version})" if client is not None and client.version else ""
+    problem = f"{exe}{version} has no buildx plugin and no built-in BuildKit (docker 23+ needs the plugin)"
+    real = str(Path(shutil.which(exe) or exe).resolve())
+    for other in others if others is not None else docker_clients_on_path():
+        if str(Path(other).resolve()) == real:
+            continue
+        alternative = probe_build_client(other, run)
+        if alternative is not None and alternative.path is not None:
+            raise EngineError(
+                f"{problem}; {other} {alternative.has()}: pass --docker {other} "
+                f"(or set QWEN_FT_DOCKER={other}), or install the docker-buildx plugin (ci/README.md)"
+            )
+    raise EngineError(
+        f"{problem}; install the docker-buildx plugin (ci/README.md), or pass --docker with a "
+        "client that has it"
+    )
+
+
+def describe_build_path(exe: str, run: ProbeRun = _probe_run) -> str | None:
+    """`doctor`'s line: how builds would run with `exe`, or why they cannot; None if no client."""
+    exe = shutil.which(exe) or exe
+    client = probe_build_client(exe, run)
+    if client is None:
+        return None
+    if client.path is not None:
+        return client.describe()
+    try:
+        find_build_client(exe, run)
+    except EngineError as exc:
+        return f"none: {exc.message}"
+    return client.describe()  # pragma: no cover - find_build_client raises for a client without a path
+
+
+@dataclass(frozen=True)
+class LocalImage:
+    id: str
+    size: int
+    labels: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    engine_version: str
+    tags: Mapping[str, LocalImage]  # every local tag of the repository -> its image
+
+
+def local_snapshot(repository: str, timeout: float = 5.0) -> Snapshot | None:
+    """Every local tag of `repository` -> its image, in one Engine API request over the Unix socket
+    (and one more for the engine's version).
+
+    The fast path for up-to-date checks: the standard library only, no docker SDK import and no
+    CLI process. None when the engine is not a local Unix socket or does not answer, so the
+    caller takes the SDK path, which reports problems properly.
+    """
+    import socket
+    import urllib.parse
+
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    if not host.startswith("unix://") or os.environ.get("DOCKER_CONTEXT"):
+        return None
+    path = host[len("unix://") :]
+
+    def get(url: str) -> Any:
+        # HTTP/1.0: the engine answers with a plain body and closes, so no chunked decoding
+        # and no http.client import (a third of this path's start-up).
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            sock.sendall(f"GET {url} HTTP/1.0\r\nHost: docker\r\n\r\n".encode())
+            chunks = []
+            while chunk := sock.recv(1 << 16):
+                chunks.append(chunk)
+        head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+        status = head.split(b"\r\n", 1)[0].split()
+        if len(status) < 2 or status[1] != b"200":
+            raise ValueError(f"{url}: {head[:80]!r}")
+        return json.loads(body)
+
+    filters = urllib.parse.quote(json.dumps({"reference": [repository]}))
+    try:
+        rows = get(f"/images/json?filters={filters}")
+        version = str(get("/version").get("Version", "unknown"))
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
+    out: dict[str, LocalImage] = {}
+    for row in rows:
+        image = LocalImage(str(row["Id"]), int(row.get("Size") or 0), dict(row.get("Labels") or {}))
+        for tag in row.get("RepoTags") or []:
+            out[str(tag)] = image
+    return Snapshot(version, out)
+
+
+class SnapshotEngine:
+    """Image questions answered from one Engine API snapshot; a DockerEngine (and the SDK import)
+    is made only when something must run. An up-to-date `smoke` then never starts one."""
+
+    def __init__(self, snapshot: Snapshot, make: Callable[[], DockerEngine]) -> None:
+        self.snapshot = snapshot
+        self._make = make
+        self._engine: DockerEngine | None = None
+
+    @property
+    def engine(self) -> DockerEngine:
+        if self._engine is None:
+            self._engine = self._make()
+        return self._engine
+
+    def check(self) -> str:
+        return self.snapshot.engine_version
+
+    def image_labels(self, ref: str) -> Mapping[str, str] | None:
+        image = self.snapshot.tags.get(ref)
+        return None if image is None else image.labels
+
+    def image_id(self, ref: str) -> str | None:
+        image = self.snapshot.tags.get(ref)
+        return None if image is None else image.id
+
+    def image_architecture(self, ref: str) -> str | None:
+        return self.engine.image_architecture(ref)
+
+    def run_container(
+        self,
+        image: str,
+        command: Sequence[str],
+        *,
+        timeout: float,
+        gpus: bool = False,
+        env: Mapping[str, str] | None = None,
+        volumes: Mapping[str, str] | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> ContainerRun:
+        return self.engine.run_container(
+            image, command, timeout=timeout, gpus=gpus, env=env, volumes=volumes, labels=labels
+        )
 
 
 class CommandLog:
@@ -208,28 +440,9 @@ class DockerEngine:
     def _detect_buildkit(self) -> None:
         if self._build_argv is not None:
             return
-        buildx = subprocess.run([self.exe, "buildx", "version"], capture_output=True, text=True, check=False)
-        if buildx.returncode == 0:
-            self._build_argv = [self.exe, "buildx", "build", "--load"]
-            return
-        client = subprocess.run(
-            [self.exe, "version", "--format", "{{.Client.Version}}"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        try:
-            client_version = Version(re.sub(r"[+~].*$", "", client.stdout.strip()))
-        except InvalidVersion:
-            client_version = Version("0")
-        if client_version >= _CLI_BUILTIN_BUILDKIT_MAX:
-            raise EngineError(
-                f"{self.exe} ({client.stdout.strip()}) has no buildx plugin and no built-in BuildKit; "
-                "install docker-buildx, or pass --docker with a client that has it "
-                "(e.g. Debian's /usr/bin/docker)"
-            )
-        self._build_argv = [self.exe, "build"]
-        self._build_env = {"DOCKER_BUILDKIT": "1"}
+        client = find_build_client(self.exe)
+        self._build_argv = client.argv
+        self._build_env = client.env
 
     # -- builds -----------------------------------------------------------------------
     def build_argv(self, req: BuildRequest, iidfile: Path) -> tuple[list[str], dict[str, str]]:
@@ -548,6 +761,7 @@ def parse_json_lines(text: str) -> list[dict[str, Any]]:
 
 
 __all__ = [
+    "BuildClient",
     "BuildOutcome",
     "BuildRequest",
     "CommandLog",
@@ -555,5 +769,6 @@ __all__ = [
     "DockerEngine",
     "Engine",
     "Interrupted",
+    "find_build_client",
     "split_ref",
 ]

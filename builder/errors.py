@@ -65,6 +65,12 @@ class AuditFailed(FatalError):
     exit_code = 9
 
 
+class NetworkUnreachable(FatalError):
+    """An upstream the command needs (the package index for `knowledge check`) cannot be reached."""
+
+    exit_code = 10
+
+
 class Interrupted(FatalError):
     """The run was interrupted (Ctrl-C) and cleaned up."""
 

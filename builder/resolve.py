@@ -1,10 +1,11 @@
 """Resolve matrix cells against the knowledge base: pure functions, no I/O.
 
-`check_cell` runs every rule on one cell and returns the reasons it is invalid
-(each with the rule name, a message saying what to do, and the fact's source).
-`plan_cell` turns a valid cell into the build plan the templates render.
-`resolve` expands targets x axes, applies include/exclude, and picks each
-target's recommended cell by a documented preference order.
+Each rule is a small function `(kb, query) -> reasons`; `check` runs them in stages and
+returns a `Cell` with its build plan, or a `Rejected` with every reason (each names its
+rule, says what to do, and cites the fact's source). `search` finds the best valid cell
+among candidates by the documented preference order; `resolve` expands targets x axes,
+applies include/exclude and picks each target's recommended cell with it, and `doctor`
+and `explain` use the same search with their own predicates.
 """
 
 from __future__ import annotations
@@ -12,16 +13,16 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from typing import ClassVar
 
 from packaging.version import Version
 
+from builder import contract
 from builder.config import CellSpec, MatrixConfig, TargetConfig
 from builder.errors import ConfigError
-from builder.knowledge import Distro, FlashAttnRelease, Knowledge, TorchRelease
-
-LABEL_PREFIX = "io.qwen-ft"
+from builder.knowledge import Distro, FlashAttnRelease, Knowledge, Mislabelled, TorchRelease
 
 
 @dataclass(frozen=True)
@@ -65,21 +66,23 @@ class Plan:
     min_driver: str | None
     min_driver_reason: str
     stack: Mapping[str, str]
+    env: Mapping[str, str]  # the image's ENV: the runtime's plan names (builder.contract), then extras
     tags: tuple[str, ...]
     labels: Mapping[str, str]
+    # "triton==X" when torch requires a triton range (`~=`) and the image keeps Triton: pip
+    # would otherwise pick whatever matches on build day, not what was planned.
+    triton_pin: str | None = None
 
 
 @dataclass(frozen=True)
-class Cell:
+class _Verdict:
     spec: CellSpec
     sm: int | None
     dtype: str
-    valid: bool
-    reasons: tuple[Reason, ...]
-    plan: Plan | None
-    origin: str  # axes | include | pin | explain
-    recommended: bool = False
-    notes: tuple[Reason, ...] = field(default=())
+    origin: str  # axes | include | pin | explain | candidate | doctor | search
+    notes: tuple[Reason, ...] = field(default=(), kw_only=True)
+    filled: tuple[str, ...] = field(default=(), kw_only=True)  # axes `explain` chose, not the user
+    blocking: tuple[str, ...] = field(default=(), kw_only=True)  # given axes no completion can keep
 
     @property
     def alias(self) -> str:
@@ -92,10 +95,55 @@ class Cell:
         fa = "" if s.flash_attn == "none" else f"-fa{s.flash_attn}"
         return f"{s.target}-{self.dtype}{cuda}-torch{s.torch}-py{s.python}{fa}"
 
+
+@dataclass(frozen=True)
+class Cell(_Verdict):
+    """A valid cell: it always has a plan."""
+
+    plan: Plan = field(kw_only=True)
+    recommended: bool = field(default=False, kw_only=True)
+    valid: ClassVar[bool] = True
+    reasons: ClassVar[tuple[Reason, ...]] = ()
+
     @property
     def id(self) -> str:
         """Stable, readable id; also the folder name under images/."""
         return self.alias if self.recommended else self.pinned
+
+
+@dataclass(frozen=True)
+class Rejected(_Verdict):
+    """An invalid cell, with every reason it is invalid."""
+
+    reasons: tuple[Reason, ...] = field(kw_only=True)
+    valid: ClassVar[bool] = False
+    recommended: ClassVar[bool] = False
+    plan: ClassVar[None] = None
+
+    @property
+    def id(self) -> str:
+        return self.pinned
+
+
+Verdict = Cell | Rejected
+
+
+@dataclass(frozen=True)
+class Query:
+    """One cell to check: the target, its axis values, and the dtype asked for (resolved)."""
+
+    target: TargetConfig
+    spec: CellSpec
+    dtype: str
+    hints: bool = True  # whether reasons may propose other values (each one is checked first)
+
+    @property
+    def sm(self) -> int | None:
+        return self.target.sm
+
+    @property
+    def variant(self) -> str:
+        return "cpu" if self.target.is_cpu else self.spec.cuda
 
 
 # ----------------------------------------------------------------------------- rules
@@ -109,11 +157,376 @@ def default_dtype(kb: Knowledge, sm: int | None) -> str:
 
 def _covered(sm: int, sass: Iterable[int], ptx: Iterable[int]) -> str | None:
     """How a GPU of compute capability `sm` runs the wheel: 'sass', 'ptx' or None."""
-    if any(c // 10 == sm // 10 and c % 10 <= sm % 10 for c in sass):
+    if any(contract.runs_on(c, sm) for c in sass):
         return "sass"
     if any(p <= sm for p in ptx):
         return "ptx"
     return None
+
+
+def _coverage(kb: Knowledge, q: Query) -> str | None:
+    """How the released wheel runs on the GPU: the row's PTX only counts if no release strip removed it."""
+    arch_list = kb.arch_list(q.spec.torch, q.variant)
+    if q.sm is None or arch_list is None:
+        return None
+    ptx = () if kb.ptx_strip(q.spec.torch, q.variant) else arch_list.ptx
+    return _covered(q.sm, arch_list.sm, ptx)
+
+
+def rule_torch_known(kb: Knowledge, q: Query) -> list[Reason]:
+    if q.spec.torch in kb.torch:
+        return []
+    return [
+        Reason(
+            "torch-unknown",
+            f"torch {q.spec.torch} is not in the knowledge base (known: {', '.join(kb.torch)}); "
+            "add it to builder/knowledge/torch.yaml with its sources",
+            "builder/knowledge/torch.yaml",
+        )
+    ]
+
+
+def rule_torch_python(kb: Knowledge, q: Query) -> list[Reason]:
+    release = kb.torch[q.spec.torch]
+    if q.spec.python in release.python:
+        return []
+    return [
+        Reason(
+            "torch-python",
+            f"torch {q.spec.torch} publishes wheels for Python {', '.join(release.python)}, "
+            f"not {q.spec.python}",
+            release.source,
+        )
+    ]
+
+
+def rule_cuda_kind(kb: Knowledge, q: Query) -> list[Reason]:
+    if q.target.is_cpu and q.spec.cuda != "none":
+        return [Reason("cpu-cuda", "the cpu target takes cuda: none", "matrix.yaml")]
+    if not q.target.is_cpu and q.spec.cuda == "none":
+        return [Reason("gpu-no-cuda", f"{q.target.name} is a GPU target; pick a CUDA variant", "matrix.yaml")]
+    return []
+
+
+def rule_torch_variant(kb: Knowledge, q: Query) -> list[Reason]:
+    release = kb.torch[q.spec.torch]
+    if q.variant in release.variants:
+        return []
+    return [
+        Reason(
+            "torch-variant",
+            f"torch {q.spec.torch} has no {_variant_name(q.variant)} wheels "
+            f"(published: {', '.join(_variant_name(v) for v in release.variants)})",
+            release.source,
+        )
+    ]
+
+
+def rule_cuda_known(kb: Knowledge, q: Query) -> list[Reason]:
+    if q.target.is_cpu or q.spec.cuda in kb.cuda:
+        return []
+    return [
+        Reason(
+            "cuda-unknown",
+            f"CUDA {q.spec.cuda} is not in builder/knowledge/cuda.yaml (known: {', '.join(kb.cuda)})",
+            "builder/knowledge/cuda.yaml",
+        )
+    ]
+
+
+def rule_cuda_drops_sm(kb: Knowledge, q: Query) -> list[Reason]:
+    if q.sm is None or q.sm not in kb.cuda[q.spec.cuda].no_sm:
+        return []
+    return [
+        Reason(
+            "cuda-drops-sm",
+            f"CUDA {q.spec.cuda} cannot target sm_{q.sm} ({q.target.name}); use a CUDA 12.x variant",
+            kb.cuda[q.spec.cuda].source,
+        )
+    ]
+
+
+def rule_torch_arch(kb: Knowledge, q: Query) -> list[Reason]:
+    if q.sm is None or q.variant not in kb.torch[q.spec.torch].variants:
+        return []
+    arch_list = kb.arch_list(q.spec.torch, q.variant)
+    name = _variant_name(q.variant)
+    if arch_list is None:
+        return [
+            Reason(
+                "torch-arch-unknown",
+                f"no compiled arch list is recorded for torch {q.spec.torch} {name}",
+                "builder/knowledge/torch.yaml arch_lists",
+            )
+        ]
+    if _covered(q.sm, arch_list.sm, arch_list.ptx) is not None:
+        return []
+    have = ", ".join(f"sm_{s}" for s in arch_list.sm)
+    return [
+        Reason(
+            "torch-arch",
+            f"torch {q.spec.torch} {name} wheels carry {have} but not "
+            f"sm_{q.sm} ({q.target.name}): 'no kernel image is available'. "
+            "Use a variant that lists it (cu126 keeps sm_70 on every release so far)",
+            arch_list.source,
+        )
+    ]
+
+
+def rule_torch_ptx_strip(kb: Knowledge, q: Query) -> list[Reason]:
+    """A GPU that only the build script's "+PTX" would cover: the release wheel has no PTX."""
+    if q.sm is None or q.variant not in kb.torch[q.spec.torch].variants:
+        return []
+    arch_list = kb.arch_list(q.spec.torch, q.variant)
+    strip = kb.ptx_strip(q.spec.torch, q.variant)
+    if arch_list is None or strip is None or _covered(q.sm, arch_list.sm, arch_list.ptx) != "ptx":
+        return []
+    ptx = ", ".join(f"compute_{p}" for p in arch_list.ptx)
+    return [
+        Reason(
+            "torch-ptx-stripped",
+            f"torch {q.spec.torch} {_variant_name(q.variant)} would reach sm_{q.sm} ({q.target.name}) only "
+            f"through {ptx} PTX, and the release build strips +PTX ({strip.pr}): "
+            "'no kernel image is available'. Use a variant that compiles the SM",
+            strip.source,
+        )
+    ]
+
+
+def rule_dtype(kb: Knowledge, q: Query) -> list[Reason]:
+    if q.sm is None:
+        if q.dtype == "fp32":
+            return []
+        why = f"the cpu image trains in fp32, not {q.dtype}"
+        return [Reason("cpu-dtype", why, "runtime precision policy")]
+    arch = kb.arch(q.sm)
+    if q.dtype != "bf16" or arch.bf16:
+        return []
+    return [
+        Reason(
+            "bf16-sm",
+            f"{q.target.name} (sm_{q.sm}, {arch.family}) has no native bf16; use dtype fp16 "
+            "(torch.cuda.is_bf16_supported() says True there, but bf16 kernels fail)",
+            arch.source,
+        )
+    ]
+
+
+def rule_base_os(kb: Knowledge, q: Query) -> list[Reason]:
+    _, problem = _distro_for(kb, q.target, q.spec)
+    if problem is None:
+        return []
+    if not q.hints:
+        return [problem]
+    # Offer only the Pythons that make this very cell valid, not just the base OS.
+    works = [
+        p
+        for p in _distro_pythons(kb, q.target, q.spec)
+        if isinstance(
+            check(kb, q.target, replace(q.spec, python=p), dtype=q.dtype, origin="hint", hints=False), Cell
+        )
+    ]
+    where = "the cpu target" if q.target.is_cpu else f"nvidia/cuda:{q.spec.cuda}"
+    offer = f"use Python {', '.join(works)}" if works else "no other Python makes this cell valid either"
+    return [
+        Reason(
+            "python-base-os",
+            f"no {where} base image ships Python {q.spec.python} as its system python; {offer}",
+            problem.source,
+        )
+    ]
+
+
+def _distro_pythons(kb: Knowledge, target: TargetConfig, spec: CellSpec) -> list[str]:
+    if target.is_cpu:
+        found = {d.python for d in kb.distros if d.os == "debian" and d.image}
+    else:
+        ubuntu = kb.cuda[spec.cuda].ubuntu if spec.cuda in kb.cuda else ()
+        found = {d.python for d in kb.distros if d.os == "ubuntu" and d.version in ubuntu}
+    return sorted(found, key=Version)
+
+
+def rule_triton(kb: Knowledge, q: Query) -> list[Reason]:
+    problem = _triton_decision(kb, q.target, q.spec, kb.torch[q.spec.torch])[3]
+    return [problem] if problem else []
+
+
+def rule_flash_attn(kb: Knowledge, q: Query) -> list[Reason]:
+    if q.spec.flash_attn == "none":
+        return []
+    fa = kb.flash_attn.get(q.spec.flash_attn)
+    if fa is None:
+        return [
+            Reason(
+                "flash-attn-unknown",
+                f"flash-attn {q.spec.flash_attn} is not in the knowledge base "
+                f"(known: {', '.join(kb.flash_attn)}); add it to builder/knowledge/flash_attn.yaml",
+                "builder/knowledge/flash_attn.yaml",
+            )
+        ]
+    triton, triton_version, _, _ = _triton_decision(kb, q.target, q.spec, kb.torch[q.spec.torch])
+    return _fa_rules(kb, q.target, q.spec, fa, triton, triton_version)
+
+
+def rule_flash_attn_runtime_sm(kb: Knowledge, q: Query) -> list[Reason]:
+    """flash_api.cpp's own capability check: before 2.7 it accepts sm_8x and sm_90 only."""
+    fa = kb.flash_attn.get(q.spec.flash_attn)
+    if fa is None or q.sm is None or q.sm < fa.min_sm or fa.runs_on(q.sm):
+        return []
+    accepted = ", ".join(f"sm_{lo}-sm_{hi}" if hi != lo else f"sm_{lo}" for lo, hi in fa.runtime_sm if hi)
+    return [
+        Reason(
+            "flash-attn-runtime-sm",
+            f"flash-attn {fa.version} accepts only {accepted} at run time (flash_api.cpp TORCH_CHECK), so "
+            f"{q.target.name} (sm_{q.sm}) fails at the first attention call whether the wheel or a "
+            "source build is used; use flash-attn 2.7.4.post1 or newer",
+            fa.source,
+        )
+    ]
+
+
+def rule_flash_attn_compiled_sm(kb: Knowledge, q: Query) -> list[Reason]:
+    """The flash-attn binary the plan would install must carry cubins this GPU can run."""
+    fa = kb.flash_attn.get(q.spec.flash_attn)
+    if fa is None or q.sm is None or q.sm < fa.min_sm or not fa.runs_on(q.sm) or q.spec.cuda not in kb.cuda:
+        return []
+    if q.variant not in kb.torch[q.spec.torch].variants:
+        return []  # rule_torch_variant already refuses it; there is no wheel ABI to read
+    strategy, _, _ = _fa_choice(kb, q, fa)
+    if strategy == "wheel":
+        nvcc, how = fa.wheels.nvcc or "", "its prebuilt wheels were built with nvcc"
+    else:
+        patch = kb.cuda[q.spec.cuda].latest_patch
+        if patch is None:
+            return []  # no devel image to build with: _fa_plan refuses it with its own reason
+        nvcc, how = patch, "a source build here uses the devel image's nvcc"
+    compiled = fa.compiled_for(nvcc)
+    if any(contract.runs_on(c, q.sm) for c in compiled):
+        return []
+    have = ", ".join(f"sm_{c}" for c in compiled) or "nothing"
+    fix = (
+        "use flash-attn 2.8.3 or newer (wheels built with nvcc 12.9.1)"
+        if strategy == "wheel"
+        else "use a CUDA variant whose nvcc targets it (sm_100/sm_120 need 12.8+)"
+    )
+    return [
+        Reason(
+            f"flash-attn-{strategy}-sm",
+            f"flash-attn {fa.version}: {how} {nvcc}, which compiles {have} and not sm_{q.sm} "
+            f"({q.target.name}): 'no kernel image is available'; {fix}",
+            fa.source,
+        )
+    ]
+
+
+def rule_stack(kb: Knowledge, q: Query) -> list[Reason]:
+    return [
+        Reason(
+            "stack",
+            f"no {package} release in builder/knowledge/stack.yaml supports Python "
+            f"{q.spec.python} with torch {q.spec.torch}",
+            "builder/knowledge/stack.yaml",
+        )
+        for package in kb.stack
+        if kb.stack_pin(package, q.spec.python, q.spec.torch) is None
+    ]
+
+
+def note_arch_conflict(kb: Knowledge, q: Query) -> list[Reason]:
+    if q.sm is None:
+        return []
+    arch_list = kb.arch_list(q.spec.torch, q.variant)
+    if arch_list is None or not arch_list.conflict:
+        return []
+    return [Reason("torch-arch-conflict", arch_list.conflict, arch_list.source)]
+
+
+def note_fa_without_triton(kb: Knowledge, q: Query) -> list[Reason]:
+    fa = kb.flash_attn.get(q.spec.flash_attn)
+    if fa is None or q.sm is None or q.sm < fa.min_sm:
+        return []
+    if _triton_decision(kb, q.target, q.spec, kb.torch[q.spec.torch])[0] != "remove":
+        return []
+    return [
+        Reason(
+            "flash-attn-without-triton",
+            f"flash-attn's Triton ops ({', '.join(m.module for m in kb.fa_triton_modules)}) "
+            "are unavailable in this image; its CUDA attention kernels still work",
+            kb.fa_triton_modules[0].source,
+        )
+    ]
+
+
+def note_fa_wheel_abi(kb: Knowledge, q: Query) -> list[Reason]:
+    fa = kb.flash_attn.get(q.spec.flash_attn)
+    if fa is None or q.sm is None:
+        return []
+    _, _, mislabel = _fa_choice(kb, q, fa)  # notes run on valid cells only: the variant exists
+    if mislabel is None:
+        return []
+    return [
+        Reason(
+            "flash-attn-wheel-abi",
+            f"flash-attn {fa.version} is built from source: its cxx11abi{str(mislabel.abi).upper()} wheel "
+            f"for torch {mislabel.torch} is mislabelled ({mislabel.why}). flash-attn 2.7.4.post1 has a "
+            "correctly built wheel for this torch",
+            mislabel.source,
+        )
+    ]
+
+
+def note_fa_wheels_unknown(kb: Knowledge, q: Query) -> list[Reason]:
+    fa = kb.flash_attn.get(q.spec.flash_attn)
+    if fa is None or q.sm is None or fa.wheels.known:
+        return []
+    return [
+        Reason(
+            "flash-attn-wheels-unknown",
+            f"flash-attn {fa.version} is built from source: its published wheel matrix could not be read",
+            fa.conflict or fa.source,
+        )
+    ]
+
+
+Rule = Callable[[Knowledge, Query], list[Reason]]
+
+# Stages run in order; a stage whose reasons include a gate rule ends the check, since
+# later rules read facts (the torch release, the CUDA release) that do not exist then.
+STAGES: tuple[tuple[Rule, ...], ...] = (
+    (rule_torch_known,),
+    (rule_torch_python, rule_cuda_kind),
+    (rule_torch_variant, rule_cuda_known),
+    (
+        rule_cuda_drops_sm,
+        rule_torch_arch,
+        rule_torch_ptx_strip,
+        rule_dtype,
+        rule_base_os,
+        rule_triton,
+        rule_flash_attn,
+        rule_flash_attn_runtime_sm,
+        rule_flash_attn_compiled_sm,
+        rule_stack,
+    ),
+)
+GATES = frozenset({"torch-unknown", "gpu-no-cuda", "cuda-unknown"})
+NOTES: tuple[Rule, ...] = (
+    note_arch_conflict,
+    note_fa_without_triton,
+    note_fa_wheel_abi,
+    note_fa_wheels_unknown,
+)
+
+
+def reasons(kb: Knowledge, q: Query) -> list[Reason]:
+    """Every reason the cell is invalid (empty when valid), stage by stage."""
+    found: list[Reason] = []
+    for stage in STAGES:
+        for rule in stage:
+            found.extend(rule(kb, q))
+        if any(r.rule in GATES for r in found):
+            break
+    return found
 
 
 def _distro_for(kb: Knowledge, target: TargetConfig, spec: CellSpec) -> tuple[Distro | None, Reason | None]:
@@ -153,7 +566,7 @@ def _triton_decision(
         return "remove", None, "CPU wheels of torch do not depend on triton", None
     if pin.python_below and Version(spec.python) >= Version(pin.python_below):
         why = (
-            f"torch {release.version} pins triton=={pin.version} only for Python < "
+            f"torch {release.version} requires triton{pin.requires} only for Python < "
             f"{pin.python_below}, so pip installs none"
         )
         if target.triton == "keep":
@@ -178,6 +591,21 @@ def _triton_decision(
                     source,
                 ),
             )
+        return "remove", pin.version, why, None
+    floor = kb.triton_min_version(target.sm)
+    if floor is not None and Version(pin.version) < Version(floor[0]):
+        why = (
+            f"triton {pin.version} (pinned by torch {release.version}) cannot compile for sm_{target.sm}: "
+            f"its ptxas does not know the GPU (triton {floor[0]}+ does); removed"
+        )
+        if target.triton == "keep":
+            problem = Reason(
+                "triton-too-old-for-sm",
+                f"triton {pin.version} cannot compile for sm_{target.sm} ({target.name}); it needs triton "
+                f"{floor[0]}+: set triton: auto (removes it), or use a torch that pins a newer triton",
+                floor[1],
+            )
+            return "remove", pin.version, why, problem
         return "remove", pin.version, why, None
     if target.triton == "remove":
         return "remove", pin.version, "removed by the target's triton: remove", None
@@ -259,20 +687,9 @@ def _fa_plan(
     distro: Distro,
 ) -> tuple[FlashAttnPlan | None, Reason | None]:
     assert target.sm is not None
-    tv = Version(spec.torch)
-    torch_mm = f"{tv.major}.{tv.minor}"
     cuda_major = spec.cuda.split(".")[0]
-    abi = release.abi(spec.cuda)
-    token = kb.fa_cuda_token(fa.version, spec.cuda)
-    if token and fa.wheels.has(torch_mm=torch_mm, cuda_major=cuda_major, python=spec.python, abi=abi):
-        py = spec.python.replace(".", "")
-        filename = kb.fa_wheel_filename.format(
-            version=fa.version,
-            cuda_token=token,
-            torch_mm=torch_mm,
-            abi=str(abi).upper(),
-            py=py,
-        )
+    strategy, filename, _ = _fa_choice(kb, Query(target, spec, ""), fa)
+    if strategy == "wheel" and filename:
         url = kb.fa_wheel_url.format(version=fa.version, filename=filename)
         return FlashAttnPlan("wheel", fa.version, url, None, None), None
     # No prebuilt wheel: compile in a devel stage, only for this GPU's SM.
@@ -293,10 +710,35 @@ def _fa_plan(
         )
     archs = None
     if fa.cuda_archs_env:
-        same_major = [a for a in kb.fa_source_archs if a // 10 == target.sm // 10 and a <= target.sm]
+        same_major = [a for a in kb.fa_source_archs if contract.runs_on(a, target.sm)]
         archs = str(max(same_major)) if same_major else None
     builder = _cuda_image(kb, spec.cuda, "devel", distro)
     return FlashAttnPlan("source", fa.version, None, archs, builder), None
+
+
+def _fa_choice(kb: Knowledge, q: Query, fa: FlashAttnRelease) -> tuple[str, str | None, Mislabelled | None]:
+    """("wheel", its filename, None) when a correctly built prebuilt wheel fits the cell, else
+    ("source", None, the mislabelled wheel that was passed over or None)."""
+    spec = q.spec
+    release = kb.torch[spec.torch]
+    tv = Version(spec.torch)
+    torch_mm = f"{tv.major}.{tv.minor}"
+    abi = release.abi(q.variant)
+    token = kb.fa_cuda_token(fa.version, spec.cuda)
+    cuda_major = spec.cuda.split(".")[0]
+    if not token or not fa.wheels.has(torch_mm=torch_mm, cuda_major=cuda_major, python=spec.python, abi=abi):
+        return "source", None, None
+    mislabel = fa.wheels.mislabel(torch_mm=torch_mm, abi=abi)
+    if mislabel is not None:
+        return "source", None, mislabel
+    filename = kb.fa_wheel_filename.format(
+        version=fa.version,
+        cuda_token=token,
+        torch_mm=torch_mm,
+        abi=str(abi).upper(),
+        py=spec.python.replace(".", ""),
+    )
+    return "wheel", filename, None
 
 
 def _cuda_image(kb: Knowledge, cuda: str, flavour: str, distro: Distro) -> str:
@@ -305,217 +747,85 @@ def _cuda_image(kb: Knowledge, cuda: str, flavour: str, distro: Distro) -> str:
     return f"{kb.cuda_image_repo}:{tag}"
 
 
-def check_and_plan(
-    kb: Knowledge, target: TargetConfig, spec: CellSpec, *, dtype: str | None, origin: str
-) -> Cell:
-    """Run every rule on one cell; return it valid with a plan, or invalid with all reasons."""
-    reasons: list[Reason] = []
-    sm = target.sm
-    want_dtype = dtype or (target.dtype if target.dtype != "auto" else default_dtype(kb, sm))
+def check(
+    kb: Knowledge,
+    target: TargetConfig,
+    spec: CellSpec,
+    *,
+    dtype: str | None = None,
+    origin: str,
+    hints: bool = True,
+) -> Verdict:
+    """Run every rule on one cell; return it with its plan, or rejected with all its reasons."""
+    want = dtype or (target.dtype if target.dtype != "auto" else default_dtype(kb, target.sm))
+    q = Query(target, spec, want, hints)
+    found = reasons(kb, q)
+    if found:
+        return Rejected(spec, target.sm, want, origin, reasons=tuple(found))
+    plan, problem = _plan(kb, q)
+    if problem is not None or plan is None:
+        return Rejected(spec, target.sm, want, origin, reasons=(problem,) if problem else ())
+    notes = tuple(n for note in NOTES for n in note(kb, q))
+    return Cell(spec, target.sm, want, origin, notes=notes, plan=plan)
 
-    release = kb.torch.get(spec.torch)
-    if release is None:
-        known = ", ".join(kb.torch)
-        return _invalid(
-            spec,
-            sm,
-            want_dtype,
-            origin,
-            Reason(
-                "torch-unknown",
-                f"torch {spec.torch} is not in the knowledge base (known: {known}); "
-                "add it to builder/knowledge/torch.yaml with its sources",
-                "builder/knowledge/torch.yaml",
-            ),
-        )
-    if spec.python not in release.python:
-        reasons.append(
-            Reason(
-                "torch-python",
-                f"torch {spec.torch} publishes wheels for Python {', '.join(release.python)}, "
-                f"not {spec.python}",
-                release.source,
-            )
-        )
-    variant = "cpu" if target.is_cpu else spec.cuda
-    if target.is_cpu and spec.cuda != "none":
-        reasons.append(Reason("cpu-cuda", "the cpu target takes cuda: none", "matrix.yaml"))
-    if not target.is_cpu and spec.cuda == "none":
-        reasons.append(
-            Reason("gpu-no-cuda", f"{target.name} is a GPU target; pick a CUDA variant", "matrix.yaml")
-        )
-        return _invalid(spec, sm, want_dtype, origin, *reasons)
-    if variant not in release.variants:
-        reasons.append(
-            Reason(
-                "torch-variant",
-                f"torch {spec.torch} has no {_variant_name(variant)} wheels "
-                f"(published: {', '.join(_variant_name(v) for v in release.variants)})",
-                release.source,
-            )
-        )
-    cuda = kb.cuda.get(spec.cuda) if not target.is_cpu else None
-    if not target.is_cpu and cuda is None:
-        reasons.append(
-            Reason(
-                "cuda-unknown",
-                f"CUDA {spec.cuda} is not in builder/knowledge/cuda.yaml (known: {', '.join(kb.cuda)})",
-                "builder/knowledge/cuda.yaml",
-            )
-        )
-        return _invalid(spec, sm, want_dtype, origin, *reasons)
-    notes: list[Reason] = []
-    coverage = None
-    if sm is not None and cuda is not None:
-        if sm in cuda.no_sm:
-            reasons.append(
-                Reason(
-                    "cuda-drops-sm",
-                    f"CUDA {spec.cuda} cannot target sm_{sm} ({target.name}); use a CUDA 12.x variant",
-                    cuda.source,
-                )
-            )
-        if variant in release.variants:
-            arch_list = kb.arch_list(spec.torch, variant)
-            if arch_list is None:
-                reasons.append(
-                    Reason(
-                        "torch-arch-unknown",
-                        f"no compiled arch list is recorded for torch {spec.torch} {_variant_name(variant)}",
-                        "builder/knowledge/torch.yaml arch_lists",
-                    )
-                )
-            else:
-                coverage = _covered(sm, arch_list.sm, arch_list.ptx)
-                if coverage is None:
-                    have = ", ".join(f"sm_{s}" for s in arch_list.sm)
-                    reasons.append(
-                        Reason(
-                            "torch-arch",
-                            f"torch {spec.torch} {_variant_name(variant)} wheels carry {have} but not "
-                            f"sm_{sm} ({target.name}): 'no kernel image is available'. "
-                            "Use a variant that lists it (cu126 keeps sm_70 on every release so far)",
-                            arch_list.source,
-                        )
-                    )
-                if arch_list.conflict:
-                    notes.append(Reason("torch-arch-conflict", arch_list.conflict, arch_list.source))
-    if sm is not None and want_dtype == "bf16" and not kb.arch(sm).bf16:
-        arch = kb.arch(sm)
-        reasons.append(
-            Reason(
-                "bf16-sm",
-                f"{target.name} (sm_{sm}, {arch.family}) has no native bf16; use dtype fp16 "
-                "(torch.cuda.is_bf16_supported() says True there, but bf16 kernels fail)",
-                arch.source,
-            )
-        )
-    if sm is None and want_dtype != "fp32":
-        reasons.append(
-            Reason("cpu-dtype", f"the cpu image trains in fp32, not {want_dtype}", "runtime precision policy")
-        )
 
-    distro, problem = _distro_for(kb, target, spec)
-    if problem:
-        reasons.append(problem)
-
-    triton, triton_version, triton_why, triton_problem = _triton_decision(kb, target, spec, release)
-    if triton_problem:
-        reasons.append(triton_problem)
-
-    fa = None
-    if spec.flash_attn != "none":
-        fa = kb.flash_attn.get(spec.flash_attn)
-        if fa is None:
-            reasons.append(
-                Reason(
-                    "flash-attn-unknown",
-                    f"flash-attn {spec.flash_attn} is not in the knowledge base "
-                    f"(known: {', '.join(kb.flash_attn)}); add it to builder/knowledge/flash_attn.yaml",
-                    "builder/knowledge/flash_attn.yaml",
-                )
-            )
-        else:
-            reasons.extend(_fa_rules(kb, target, spec, fa, triton, triton_version))
-            if triton == "remove" and sm is not None and sm >= fa.min_sm:
-                notes.append(
-                    Reason(
-                        "flash-attn-without-triton",
-                        f"flash-attn's Triton ops ({', '.join(m.module for m in kb.fa_triton_modules)}) "
-                        "are unavailable in this image; its CUDA attention kernels still work",
-                        kb.fa_triton_modules[0].source,
-                    )
-                )
-
-    stack: dict[str, str] = {}
-    for package in kb.stack:
-        pin = kb.stack_pin(package, spec.python, spec.torch)
-        if pin is None:
-            reasons.append(
-                Reason(
-                    "stack",
-                    f"no {package} release in builder/knowledge/stack.yaml supports Python "
-                    f"{spec.python} with torch {spec.torch}",
-                    "builder/knowledge/stack.yaml",
-                )
-            )
-        else:
-            stack[package] = pin.version
-
-    if reasons:
-        return _invalid(spec, sm, want_dtype, origin, *reasons)
-    assert distro is not None
-
+def _plan(kb: Knowledge, q: Query) -> tuple[Plan | None, Reason | None]:
+    """The build plan of a cell that passed every rule (a few facts still refuse it here)."""
+    target, spec, sm = q.target, q.spec, q.sm
+    release = kb.torch[spec.torch]
+    distro, _ = _distro_for(kb, target, spec)
+    assert distro is not None  # rule_base_os passed
     fa_plan = FlashAttnPlan("none", None, None, None, None)
+    fa = kb.flash_attn.get(spec.flash_attn)
     if fa is not None:
         planned, problem = _fa_plan(kb, target, spec, fa, release, distro)
         if problem or planned is None:
-            return _invalid(spec, sm, want_dtype, origin, *([problem] if problem else []))
+            return None, problem
         fa_plan = planned
-
     if target.is_cpu:
         base_image = distro.image or f"debian:{distro.codename}-slim"
         os_name = f"debian{distro.version}"
         min_driver, driver_why = None, "CPU image: no driver needed"
         arch_list_str = ""
     else:
-        assert cuda is not None and sm is not None
+        assert sm is not None
+        cuda = kb.cuda[spec.cuda]
         if cuda.latest_patch is None:
-            return _invalid(
-                spec,
-                sm,
-                want_dtype,
-                origin,
-                Reason(
-                    "cuda-image", f"no nvidia/cuda image tag is recorded for CUDA {spec.cuda}", cuda.source
-                ),
+            return None, Reason(
+                "cuda-image", f"no nvidia/cuda image tag is recorded for CUDA {spec.cuda}", cuda.source
             )
         base_image = _cuda_image(kb, spec.cuda, "base", distro)
         os_name = f"ubuntu{distro.version}"
-        min_driver, driver_why = _min_driver(kb, spec.cuda, sm, coverage)
+        min_driver, driver_why = _min_driver(kb, spec.cuda, sm, _coverage(kb, q))
         arch_list_str = f"{sm // 10}.{sm % 10}"
-
-    is_default = variant == release.pypi_default
-    index_url = None if is_default else kb.torch_index_url.format(variant=_variant_name(variant))
-    requirement = f"torch=={spec.torch}" if is_default else f"torch=={spec.torch}+{_variant_name(variant)}"
+    triton, triton_version, triton_why, _ = _triton_decision(kb, target, spec, release)
+    triton_pin = f"triton=={triton_version}" if triton == "keep" and release.triton.is_range else None
+    is_default = q.variant == release.pypi_default
+    name = _variant_name(q.variant)
     torch_plan = TorchPlan(
         version=spec.torch,
         cuda=None if target.is_cpu else spec.cuda,
-        index_url=index_url,
-        requirement=requirement,
-        cxx11_abi=release.abi(variant),
+        index_url=None if is_default else kb.torch_index_url.format(variant=name),
+        requirement=f"torch=={spec.torch}" if is_default else f"torch=={spec.torch}+{name}",
+        cxx11_abi=release.abi(q.variant),
     )
     attn = "flash_attention_2" if fa_plan.strategy != "none" else "sdpa"
-    cell = Cell(
-        spec=spec,
-        sm=sm,
-        dtype=want_dtype,
-        valid=True,
-        reasons=(),
-        plan=None,
-        origin=origin,
-        notes=tuple(notes),
+    env = contract.plan_env(
+        {
+            "target": spec.target,
+            "alias": f"{spec.target}-{q.dtype}",
+            "sm": "none" if sm is None else str(sm),
+            "dtype": q.dtype,
+            "attn": attn,
+            "torch": spec.torch,
+            "cuda": torch_plan.cuda or "none",
+            "flash_attn": fa_plan.version or "none",
+            "triton": triton,
+        }
     )
+    if arch_list_str:
+        env["TORCH_CUDA_ARCH_LIST"] = arch_list_str
+    stack = {p: pin.version for p in kb.stack if (pin := kb.stack_pin(p, spec.python, spec.torch))}
     plan = Plan(
         base_image=base_image,
         os=os_name,
@@ -525,16 +835,18 @@ def check_and_plan(
         triton=triton,
         triton_version=triton_version,
         triton_reason=triton_why,
-        dtype=want_dtype,
+        dtype=q.dtype,
         attn_implementation=attn,
         torch_cuda_arch_list=arch_list_str,
         min_driver=min_driver,
         min_driver_reason=driver_why,
         stack=stack,
+        env=env,
         tags=(),
         labels={},
+        triton_pin=triton_pin,
     )
-    return replace(cell, plan=plan)
+    return plan, None
 
 
 def _min_driver(kb: Knowledge, cuda_version: str, sm: int, coverage: str | None) -> tuple[str, str]:
@@ -551,7 +863,7 @@ def _min_driver(kb: Knowledge, cuda_version: str, sm: int, coverage: str | None)
     if arch.min_driver and Version(arch.min_driver) > Version(floor):
         floor, why = (
             arch.min_driver,
-            f"{arch.family} (sm_{sm}) needs an R{arch.min_driver.split('.')[0]}+ driver",
+            f"{arch.family} (sm_{sm}) needs driver {arch.min_driver}+",
         )
     return floor, why
 
@@ -560,17 +872,12 @@ def _variant_name(variant: str) -> str:
     return "cpu" if variant == "cpu" else "cu" + variant.replace(".", "")
 
 
-def _invalid(spec: CellSpec, sm: int | None, dtype: str, origin: str, *reasons: Reason) -> Cell:
-    return Cell(spec=spec, sm=sm, dtype=dtype, valid=False, reasons=tuple(reasons), plan=None, origin=origin)
-
-
 # ----------------------------------------------------------------------------- tags & labels
 
 
 def finish(cell: Cell, *, image: str, recommended: bool) -> Cell:
     """Attach tags and OCI labels once we know whether the cell is its target's recommended one."""
     base = cell.plan
-    assert base is not None
     cell = replace(cell, recommended=recommended)
     tags = (cell.alias, cell.pinned) if recommended else (cell.pinned,)
     plan = replace(base, tags=tuple(f"{image}:{t}" for t in tags))
@@ -578,7 +885,6 @@ def finish(cell: Cell, *, image: str, recommended: bool) -> Cell:
 
 
 def labels(cell: Cell, plan: Plan) -> dict[str, str]:
-    p = LABEL_PREFIX
     spec = {
         "target": cell.spec.target,
         "sm": cell.sm,
@@ -599,19 +905,19 @@ def labels(cell: Cell, plan: Plan) -> dict[str, str]:
             f"Qwen fine-tuning image for {cell.spec.target} ({plan.dtype}, {plan.attn_implementation})"
         ),
         "org.opencontainers.image.base.name": plan.base_image,
-        f"{p}.target": cell.spec.target,
-        f"{p}.sm": "none" if cell.sm is None else str(cell.sm),
-        f"{p}.alias": cell.alias,
-        f"{p}.pinned": cell.pinned,
-        f"{p}.dtype": plan.dtype,
-        f"{p}.attn": plan.attn_implementation,
-        f"{p}.torch": plan.torch.version,
-        f"{p}.cuda": cell.spec.cuda,
-        f"{p}.python": plan.python,
-        f"{p}.flash-attn": plan.flash_attn.version or "none",
-        f"{p}.triton": plan.triton,
-        f"{p}.min-driver": plan.min_driver or "none",
-        f"{p}.spec": json.dumps(spec, sort_keys=True, separators=(",", ":")),
+        contract.TARGET: cell.spec.target,
+        contract.SM: "none" if cell.sm is None else str(cell.sm),
+        contract.ALIAS: cell.alias,
+        contract.PINNED: cell.pinned,
+        contract.DTYPE: plan.dtype,
+        contract.ATTN: plan.attn_implementation,
+        contract.TORCH: plan.torch.version,
+        contract.CUDA: cell.spec.cuda,
+        contract.PYTHON: plan.python,
+        contract.FLASH_ATTN: plan.flash_attn.version or "none",
+        contract.TRITON: plan.triton,
+        contract.MIN_DRIVER: plan.min_driver or "none",
+        contract.SPEC: json.dumps(spec, sort_keys=True, separators=(",", ":")),
     }
 
 
@@ -621,8 +927,8 @@ def labels(cell: Cell, plan: Plan) -> dict[str, str]:
 @dataclass(frozen=True)
 class Resolution:
     config: MatrixConfig
-    cells: tuple[Cell, ...]  # valid, recommended first per target, in target order
-    excluded: tuple[Cell, ...]
+    cells: tuple[Cell, ...]  # the images: recommended first per target, in target order
+    excluded: tuple[Verdict, ...]  # invalid cells, and valid candidates that are not images
 
     def recommended(self, target: str) -> Cell:
         return next(c for c in self.cells if c.spec.target == target and c.recommended)
@@ -641,7 +947,6 @@ def _matches(rule: Mapping[str, str], spec: CellSpec) -> bool:
 
 def preference(kb: Knowledge, cell: Cell) -> tuple[object, ...]:
     """Higher is better. The order is the policy documented in README 'How a cell is picked'."""
-    assert cell.plan is not None
     plan = cell.plan
     release = kb.torch[cell.spec.torch]
     strategy_rank = {"wheel": 2, "source": 1, "none": 0}[plan.flash_attn.strategy]
@@ -656,53 +961,142 @@ def preference(kb: Knowledge, cell: Cell) -> tuple[object, ...]:
     )
 
 
+def best(
+    kb: Knowledge, cells: Iterable[Verdict], accept: Callable[[Cell], bool] = lambda c: True
+) -> Cell | None:
+    """The most preferred valid cell that `accept` takes, or None."""
+    chosen: Cell | None = None
+    for cell in cells:
+        if not isinstance(cell, Cell) or not accept(cell):
+            continue
+        if chosen is None or preference(kb, cell) > preference(kb, chosen):
+            chosen = cell
+    return chosen
+
+
+@dataclass(frozen=True)
+class Space:
+    """Candidate values per axis; a cell is one value of each."""
+
+    cuda: Sequence[str]
+    torch: Sequence[str]
+    python: Sequence[str]
+    flash_attn: Sequence[str]
+
+    def specs(self, target: str) -> Iterator[CellSpec]:
+        for cuda, torch, python, fa in itertools.product(self.cuda, self.torch, self.python, self.flash_attn):
+            yield CellSpec(target=target, cuda=cuda, torch=torch, python=python, flash_attn=fa)
+
+
+def known_space(kb: Knowledge, target: TargetConfig) -> Space:
+    """Every value the knowledge base knows for each axis (the target's own first)."""
+    if target.is_cpu:
+        cuda: Sequence[str] = ["none"]
+        pythons = {d.python for d in kb.distros if d.os == "debian"}
+        fa: Sequence[str] = ["none"]
+    else:
+        cuda = sorted(kb.cuda, key=Version)
+        pythons = {d.python for d in kb.distros if d.os == "ubuntu"}
+        fa = sorted({*target.axes.flash_attn, *kb.flash_attn, "none"})
+    return Space(
+        cuda=cuda,
+        torch=sorted(kb.torch, key=Version),
+        python=sorted({*target.axes.python, *pythons}, key=Version),
+        flash_attn=fa,
+    )
+
+
+def search(
+    kb: Knowledge,
+    target: TargetConfig,
+    specs: Iterable[CellSpec],
+    *,
+    accept: Callable[[Cell], bool] = lambda c: True,
+    dtype: str | None = None,
+    origin: str = "search",
+) -> Cell | None:
+    """The best valid cell among `specs` that `accept` takes: the one search every caller uses
+    (recommended cells, doctor's driver fallback, explain's completion of unspecified axes)."""
+    # Only valid cells come back, so rejected ones need no hints (each hint is a check).
+    return best(kb, (check(kb, target, s, dtype=dtype, origin=origin, hints=False) for s in specs), accept)
+
+
+def resolve_target(config: MatrixConfig, kb: Knowledge, name: str) -> tuple[list[Cell], list[Verdict]]:
+    """One target's images (recommended first) and its excluded cells."""
+    target = config.targets[name]
+    excluded: list[Verdict] = []
+    candidates: list[Cell] = []
+    space = Space(target.axes.cuda, target.axes.torch, target.axes.python, target.axes.flash_attn)
+    for spec in space.specs(name):
+        if any(_matches(rule, spec) for rule in config.exclude):
+            continue
+        cell = check(kb, target, spec, origin="axes")
+        if isinstance(cell, Cell):
+            candidates.append(cell)
+        else:
+            excluded.append(cell)
+    chosen: Cell | None
+    if target.recommended is not None:
+        pin = check(kb, target, target.recommended, origin="pin")
+        if not isinstance(pin, Cell):
+            why = "; ".join(r.message for r in pin.reasons)
+            raise ConfigError(f"{config.path}: targets.{name}.recommended is invalid: {why}")
+        chosen = pin
+    else:
+        chosen = best(kb, candidates)
+        if chosen is not None:
+            chosen = _note_wheel_policy(kb, name, chosen, candidates)
+    if chosen is None:
+        first = excluded[-1].reasons[0].message if excluded else "no candidates"
+        raise ConfigError(
+            f"{config.path}: targets.{name}: every cell is invalid (e.g. {first}); "
+            f"run `qwen-ft-images matrix --all` to see each reason"
+        )
+    candidates = [c for c in candidates if c.spec.key() != chosen.spec.key()]
+    images = [finish(chosen, image=config.image, recommended=True)]
+    for inc in config.include:
+        if inc.target != name or inc.key() == chosen.spec.key():
+            continue
+        cell = check(kb, target, inc, origin="include")
+        if isinstance(cell, Cell):
+            images.append(finish(cell, image=config.image, recommended=False))
+        else:
+            excluded.append(cell)
+    # Other valid axis cells are candidates, not images: they appear in `matrix --all`.
+    excluded.extend(replace(c, origin="candidate") for c in candidates)
+    return images, excluded
+
+
+def _note_wheel_policy(kb: Knowledge, name: str, chosen: Cell, candidates: Sequence[Cell]) -> Cell:
+    """Say so when the prebuilt-wheel preference, not a rule, keeps the image on an older torch."""
+    if chosen.plan.flash_attn.strategy != "wheel":
+        return chosen
+    newer = [c for c in candidates if Version(c.spec.torch) > Version(chosen.spec.torch)]
+    if not newer:
+        return chosen
+    alt = max(newer, key=lambda c: preference(kb, c))
+    how = "built from source" if alt.plan.flash_attn.strategy == "source" else "left out"
+    note = Reason(
+        "flash-attn-wheel-policy",
+        f"{name} stays on torch {chosen.spec.torch} only because it is the newest torch in the axes with "
+        f"a prebuilt flash-attn wheel; torch {alt.spec.torch} (cuda {alt.spec.cuda}, python "
+        f"{alt.spec.python}) is valid too, with flash-attn {how}. Set targets.{name}.recommended to take it",
+        "README 'How a cell is picked' (1. a prebuilt flash-attn wheel beats compiling it)",
+    )
+    return replace(chosen, notes=(*chosen.notes, note))
+
+
 def resolve(config: MatrixConfig, kb: Knowledge) -> Resolution:
-    valid: list[Cell] = []
-    excluded: list[Cell] = []
-    for name, target in config.targets.items():
-        ax = target.axes
-        candidates: list[Cell] = []
-        for cuda, torch, python, fa in itertools.product(ax.cuda, ax.torch, ax.python, ax.flash_attn):
-            spec = CellSpec(target=name, cuda=cuda, torch=torch, python=python, flash_attn=fa)
-            if any(_matches(rule, spec) for rule in config.exclude):
-                continue
-            cell = check_and_plan(kb, target, spec, dtype=None, origin="axes")
-            (candidates if cell.valid else excluded).append(cell)
-        best: Cell | None = None
-        if target.recommended is not None:
-            pin = check_and_plan(kb, target, target.recommended, dtype=None, origin="pin")
-            if not pin.valid:
-                why = "; ".join(r.message for r in pin.reasons)
-                raise ConfigError(f"{config.path}: targets.{name}.recommended is invalid: {why}")
-            best = pin
-            candidates = [c for c in candidates if c.spec.key() != pin.spec.key()]
-        elif candidates:
-            best = max(candidates, key=lambda c: preference(kb, c))
-            candidates = [c for c in candidates if c is not best]
-        if best is None:
-            first = (
-                excluded[-1].reasons[0].message
-                if excluded and excluded[-1].spec.target == name
-                else "no candidates"
-            )
-            raise ConfigError(
-                f"{config.path}: targets.{name}: every cell is invalid (e.g. {first}); "
-                f"run `qwen-ft-images matrix --all` to see each reason"
-            )
-        valid.append(finish(best, image=config.image, recommended=True))
-        for inc in config.include:
-            if inc.target != name:
-                continue
-            if inc.key() == best.spec.key():
-                continue
-            cell = check_and_plan(kb, target, inc, dtype=None, origin="include")
-            if cell.valid:
-                valid.append(finish(cell, image=config.image, recommended=False))
-            else:
-                excluded.append(cell)
-        # Other valid axis cells are candidates, not images: they appear in `matrix --all`.
-        excluded.extend(replace(c, origin="candidate") for c in candidates)
-    return Resolution(config=config, cells=tuple(valid), excluded=tuple(excluded))
+    cells: list[Cell] = []
+    excluded: list[Verdict] = []
+    for name in config.targets:
+        images, rest = resolve_target(config, kb, name)
+        cells.extend(images)
+        excluded.extend(rest)
+    return Resolution(config=config, cells=tuple(cells), excluded=tuple(excluded))
+
+
+AXES = ("cuda", "torch", "python", "flash_attn")
 
 
 def explain(
@@ -712,17 +1106,59 @@ def explain(
     *,
     overrides: Mapping[str, str | None],
     dtype: str | None,
-) -> Cell:
-    """Verdict and plan for any cell of a target, including ones not in matrix.yaml."""
+) -> Verdict:
+    """Verdict and plan for any cell of a target, including ones not in matrix.yaml.
+
+    The axes not given are completed by the policy that picks recommended cells
+    (`preference`), among the values that make the cell valid: first the target's own
+    matrix axes, then every value the knowledge base knows. `filled` names the completed
+    axes. The cell is INVALID only when no completion exists; `blocking` then names the
+    given axes (or `dtype`) that no completion can keep.
+    """
     target = find_target(config, target_name)
-    base = resolve(config, kb).recommended(target.name).spec
-    changes = {k: v for k, v in overrides.items() if v is not None}
-    spec = replace(base, **changes)
-    cell = check_and_plan(kb, target, spec, dtype=dtype, origin="explain")
-    if not cell.valid:
-        return cell
-    is_rec = spec == base and (dtype is None or dtype == cell.dtype)
-    return finish(cell, image=config.image, recommended=is_rec)
+    rec = resolve_target(config, kb, target.name)[0][0]
+    given = {k: v for k, v in overrides.items() if v is not None}
+    free = tuple(a for a in AXES if a not in given)
+    if not given and dtype in (None, rec.dtype):
+        return replace(rec, filled=free)
+    found = complete(kb, target, given, dtype)
+    if found is None:
+        verdict = check(kb, target, replace(rec.spec, **given), dtype=dtype, origin="explain")
+        return replace(verdict, filled=free, blocking=_blocking(kb, target, given, dtype))
+    if found.spec == rec.spec and found.dtype == rec.dtype:
+        return replace(rec, filled=free)
+    cell = replace(finish(found, image=config.image, recommended=False), origin="explain", filled=free)
+    if found.dtype != rec.dtype:
+        # Every image of this target is built in rec.dtype: no build produces a tag for this one.
+        note = Reason(
+            "dtype-not-built",
+            f"no image of {target.name} is built in {found.dtype} (its images use {rec.dtype}); "
+            f"set targets.{target.name}.dtype: {found.dtype} in matrix.yaml to build one",
+            "matrix.yaml targets",
+        )
+        cell = replace(cell, notes=(*cell.notes, note), plan=replace(cell.plan, tags=()))
+    return cell
+
+
+def complete(kb: Knowledge, target: TargetConfig, given: Mapping[str, str], dtype: str | None) -> Cell | None:
+    """The preferred valid cell that keeps `given`: other axes from the matrix first, then from the KB."""
+    axes = Space(target.axes.cuda, target.axes.torch, target.axes.python, target.axes.flash_attn)
+    for space in (axes, known_space(kb, target)):
+        keep = replace(space, **{k: [v] for k, v in given.items()})
+        cell = search(kb, target, keep.specs(target.name), dtype=dtype, origin="explain")
+        if cell is not None:
+            return cell
+    return None
+
+
+def _blocking(
+    kb: Knowledge, target: TargetConfig, given: Mapping[str, str], dtype: str | None
+) -> tuple[str, ...]:
+    """The given axes that, alone, leave no valid completion; all of them when only the set does."""
+    alone = [a for a in given if complete(kb, target, {k: v for k, v in given.items() if k != a}, dtype)]
+    if dtype is not None and complete(kb, target, given, None) is not None:
+        alone.append("dtype")
+    return tuple(alone) or (*given, *(("dtype",) if dtype else ()))
 
 
 def find_target(config: MatrixConfig, name: str) -> TargetConfig:
@@ -754,3 +1190,18 @@ def select(resolution: Resolution, selectors: Iterable[str]) -> tuple[Cell, ...]
             raise ConfigError(f"selector '{sel}' matches no image; valid: {', '.join(names)}")
         chosen.extend(c for c in hits if c not in chosen)
     return tuple(c for c in resolution.cells if c in chosen)
+
+
+def select_one(resolution: Resolution, name: str) -> Cell | None:
+    """The one image `name` names (target -> its recommended image), or None if it names none."""
+    try:
+        hits = select(resolution, [name])
+    except ConfigError:
+        return None
+    if len(hits) > 1:
+        hits = tuple(c for c in hits if c.recommended) or hits
+    if len(hits) > 1:
+        raise ConfigError(
+            f"'{name}' names {len(hits)} images ({', '.join(c.id for c in hits)}); name one by its id"
+        )
+    return hits[0]

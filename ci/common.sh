@@ -3,8 +3,8 @@
 #
 # Every path and knob can be overridden from the environment.
 
-# The Debian 20.10 client: it has BuildKit built in (DOCKER_BUILDKIT=1), while
-# the 28.x client in /usr/local/bin needs the missing buildx plugin for that.
+# The Debian 20.10 client that comes with the daemon these scripts start: they
+# only run, import, tag and push (no builds), so any client would do.
 QWEN_FT_DOCKER="${QWEN_FT_DOCKER:-/usr/bin/docker}"
 
 QWEN_FT_CI_STATE="${QWEN_FT_CI_STATE:-/var/lib/qwen-ft-ci}"
@@ -27,8 +27,9 @@ REGISTRY_LOG="${REGISTRY_LOG:-$QWEN_FT_CI_LOG/registry.log}"
 REGISTRY_WAIT_S="${REGISTRY_WAIT_S:-30}"
 
 QWEN_FT_BASE_IMAGE="${QWEN_FT_BASE_IMAGE:-qwen-ft-local/debian:bookworm}"
-DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
-DEBIAN_SECURITY_MIRROR="${DEBIAN_SECURITY_MIRROR:-http://security.debian.org/debian-security}"
+# No mirror is named here: the base image uses the host's own apt sources (so a mirror
+# configured on the host is what the image gets too); DEBIAN_MIRROR overrides them.
+DEBIAN_MIRROR="${DEBIAN_MIRROR:-}"
 DEBIAN_SUITE="${DEBIAN_SUITE:-bookworm}"
 
 log() { printf '[%s %s] %s\n' "$(date -u +%H:%M:%S)" "${0##*/}" "$*" >&2; }

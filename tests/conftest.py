@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 # Docker-tier fixtures (tests/ is on sys.path: it has no __init__.py).
-from docker_support import built_cpu, copy_project, docker_engine  # noqa: F401
+from docker_support import build_client, built_cpu, built_via, copy_project, docker_engine  # noqa: F401
 
 from builder import config, knowledge
 from builder.knowledge import Knowledge

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from docker_support import copy_project
+from docker_support import copy_project, find_client
 
 from builder import bake, config, knowledge, render, resolve
+from builder.project import Project
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,7 +93,7 @@ def test_in_sync_with_render_and_ci(baked: tuple[Path, dict[str, Any]]) -> None:
     project, data = baked
     kb = knowledge.load()
     res = resolve.resolve(config.load(project / "matrix.yaml"), kb)
-    files = render.render_all(render.Project(project), res, kb)
+    files = render.render_all(Project.at(project), res, kb)
     ci = subprocess.run(
         [sys.executable, "-m", "builder", "ci-matrix", "--json", "--registry", "ghcr.io/acme"],
         cwd=project,
@@ -109,7 +108,7 @@ def test_in_sync_with_render_and_ci(baked: tuple[Path, dict[str, Any]]) -> None:
         target = data["target"][bake.target_name(cell.id)]
         dockerfile = (project / target["context"] / target["dockerfile"]).resolve()
         assert dockerfile == (project / "images" / cell.id / "Dockerfile").resolve()
-        assert dockerfile.read_text() == files[render.Project(project).dockerfile(cell)]
+        assert dockerfile.read_text() == files[Project.at(project).dockerfile(cell.id)]
         assert target["tags"][:-1] == [f"ghcr.io/acme/{t}" for t in cell.plan.tags]
         assert target["tags"][-1] == hash_tags[cell.id]
         assert target["args"]["BASE_IMAGE"] == cell.plan.base_image
@@ -150,28 +149,11 @@ def test_bad_selector(project_copy: Path) -> None:
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "matches no image" in proc.stderr
 
 
-def _buildx() -> str | None:
-    docker = shutil.which("docker")
-    if docker is None:
-        return None
-    probe = subprocess.run([docker, "buildx", "version"], capture_output=True, text=True, check=False)
-    return docker if probe.returncode == 0 else None
-
-
 def test_buildx_accepts_the_file(baked: tuple[Path, dict[str, Any]]) -> None:
-    docker = _buildx()
-    if docker is None:
-        if os.environ.get("QWEN_FT_REQUIRE_BUILDX") == "1":
-            pytest.fail("docker buildx is not available and QWEN_FT_REQUIRE_BUILDX=1")
-        pytest.skip("docker buildx is not available")
+    """The whole matrix's file, registry cache included; tests/test_docker_bake.py builds from it."""
+    buildx = find_client("buildx")
     project, data = baked
-    proc = subprocess.run(
-        [docker, "buildx", "bake", "-f", "docker-bake.json", "--print"],
-        cwd=project,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    proc = buildx.run("buildx", "bake", "-f", "docker-bake.json", "--print", cwd=project)
     assert proc.returncode == 0, proc.stderr
     printed = json.loads(proc.stdout)
     assert set(printed["target"]) == set(data["target"])

@@ -1,4 +1,8 @@
-"""Docker tier: real builds, tags, registry round trips and the secrets guarantee, on a real engine."""
+"""Docker tier: real builds, tags, registry round trips and the secrets guarantee, on a real engine.
+
+Tests taking `built_via` or `build_client` run once per BuildKit path (docker_support): the
+buildx plugin and a pre-23 client's built-in BuildKit. The others say why one path suffices.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,19 @@ import uuid
 from pathlib import Path
 
 import pytest
-from docker_support import BASE_IMAGE, CA_BUNDLE, DOCKER, REGISTRY, Built, cli, copy_project, docker
+from docker_support import (
+    BASE_IMAGE,
+    CA_BUNDLE,
+    DOCKER,
+    REGISTRY,
+    Built,
+    Client,
+    cli,
+    copy_project,
+    docker,
+    remove_images,
+    session_image,
+)
 
 pytestmark = pytest.mark.docker
 
@@ -34,17 +50,21 @@ def labels_of(ref: str) -> dict[str, str]:
     return dict(config.get("Labels") or {})
 
 
-def test_cpu_image_is_built_and_tagged(built_cpu: Built) -> None:
-    r = built_cpu.result("cpu-fp32")
-    assert r["status"] == "built" or r["status"] == "up-to-date"
+def test_cpu_image_is_built_and_tagged(built_via: Built) -> None:
+    r = built_via.result("cpu-fp32")
+    assert built_via.client is not None
+    assert r["status"] == "built", "a fresh image name: the build really ran"
+    log = Path(str(r["log"])).read_text()
+    assert log.startswith(built_via.client.build_command), log.splitlines()[0]
+    image = built_via.image
     tags = r["tags"]
     assert isinstance(tags, list)
-    assert tags[0] == "qwen-ft:cpu-fp32"
-    assert tags[1] == "qwen-ft:cpu-fp32-torch2.13.0-py3.11"
-    assert re.fullmatch(r"qwen-ft:cpu-[0-9a-f]{12}", tags[2])
+    assert tags[0] == f"{image}:cpu-fp32"
+    assert tags[1] == f"{image}:cpu-fp32-torch2.13.0-py3.11"
+    assert re.fullmatch(rf"{image}:cpu-[0-9a-f]{{12}}", tags[2])
     ids = {inspect(t)["Id"] for t in tags}
     assert ids == {r["image_id"]}, "alias, pinned and content tags name one image"
-    labels = labels_of("qwen-ft:cpu-fp32")
+    labels = labels_of(tags[0])
     assert labels["io.qwen-ft.target"] == "cpu"
     assert labels["io.qwen-ft.dtype"] == "fp32"
     assert labels["io.qwen-ft.attn"] == "sdpa"
@@ -54,29 +74,33 @@ def test_cpu_image_is_built_and_tagged(built_cpu: Built) -> None:
     spec = json.loads(labels["io.qwen-ft.spec"])
     assert spec["torch"] == "torch==2.13.0+cpu"
     assert labels["org.opencontainers.image.base.name"] == "debian:bookworm-slim"
-    env = inspect("qwen-ft:cpu-fp32")["Config"]
+    env = inspect(tags[0])["Config"]
     assert isinstance(env, dict)
     assert "QWEN_FT_DTYPE=fp32" in env["Env"]
 
 
-def test_rebuild_does_no_build_work(built_cpu: Built) -> None:
-    log = built_cpu.project / "build" / "logs" / "cpu-fp32.log"
+def test_rebuild_does_no_build_work(built_via: Built) -> None:
+    log = built_via.project / "build" / "logs" / "cpu-fp32.log"
     before = log.stat().st_mtime_ns if log.exists() else None
-    proc = cli(built_cpu.project, "build", "cpu", *built_cpu.base_args)
+    proc = cli(built_via.project, "build", "cpu", *built_via.base_args, client=built_via.client)
     assert proc.returncode == 0, proc.stderr
-    report = json.loads((built_cpu.project / "build" / "report.json").read_text())
+    report = json.loads((built_via.project / "build" / "report.json").read_text())
     assert [r["status"] for r in report["images"]] == ["up-to-date"]
     after = log.stat().st_mtime_ns if log.exists() else None
     assert before == after, "no docker build ran, so no build log was written"
 
 
-def test_push_pull_round_trip_with_plain_docker(built_cpu: Built) -> None:
+def test_push_pull_round_trip_with_plain_docker(built_via: Built) -> None:
     registry = f"{REGISTRY}/qwen-ft-ci-{RUN_ID}"
-    proc = cli(built_cpu.project, "build", "cpu", *built_cpu.base_args, "--push", "--registry", registry)
+    proc = cli(
+        built_via.project, "build", "cpu", *built_via.base_args, "--push", "--registry", registry,
+        client=built_via.client,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    report = json.loads((built_cpu.project / "build" / "report.json").read_text())
+    report = json.loads((built_via.project / "build" / "report.json").read_text())
+    assert report["images"][0]["status"] == "up-to-date", "pushes the image built_via made"
     pushed = report["images"][0]["pushed"]
-    alias_ref = f"{registry}/qwen-ft:cpu-fp32"
+    alias_ref = f"{registry}/{built_via.image}:cpu-fp32"
     assert alias_ref in pushed and len(pushed) == 3
     digest = pushed[alias_ref]
     assert digest.startswith("sha256:")
@@ -88,8 +112,8 @@ def test_push_pull_round_trip_with_plain_docker(built_cpu: Built) -> None:
     assert f"Digest: {digest}" in pull.stdout
     repo_digests = inspect(alias_ref)["RepoDigests"]
     assert isinstance(repo_digests, list)
-    assert f"{registry}/qwen-ft@{digest}" in repo_digests
-    assert inspect(alias_ref)["Id"] == inspect("qwen-ft:cpu-fp32")["Id"]
+    assert f"{registry}/{built_via.image}@{digest}" in repo_digests
+    assert inspect(alias_ref)["Id"] == inspect(f"{built_via.image}:cpu-fp32")["Id"]
 
 
 def _edit_runtime(project: Path, marker: str) -> None:
@@ -99,6 +123,8 @@ def _edit_runtime(project: Path, marker: str) -> None:
 
 
 def test_immutable_tags_refuse_a_changed_image(tmp_path: Path, built_cpu: Built) -> None:
+    # One path suffices: the refusal is build.push_image's registry digest check (SDK calls
+    # after the build), the same code whichever client built the image.
     registry = f"{REGISTRY}/qwen-ft-immutable-{RUN_ID}"
     first = cli(built_cpu.project, "build", "cpu", *built_cpu.base_args, "--push", "--registry", registry)
     assert first.returncode == 0, first.stderr
@@ -113,8 +139,12 @@ def test_immutable_tags_refuse_a_changed_image(tmp_path: Path, built_cpu: Built)
     assert forced.returncode == 0, forced.stderr
 
 
-def test_one_failing_image_leaves_the_others_built(tmp_path: Path, built_cpu: Built) -> None:
-    project = copy_project(tmp_path / "broken")
+def test_one_failing_image_leaves_the_others_built(
+    tmp_path: Path, built_cpu: Built, build_client: Client
+) -> None:
+    # Per path: the failed step is read from each client's own progress output.
+    image = session_image("broken", build_client)
+    project = copy_project(tmp_path / "broken", image=image)
     matrix = project / "matrix.yaml"
     matrix.write_text(
         matrix.read_text().replace(
@@ -131,7 +161,7 @@ def test_one_failing_image_leaves_the_others_built(tmp_path: Path, built_cpu: Bu
         )
     )
     assert cli(project, "render").returncode == 0
-    proc = cli(project, "build", "cpu", "cpu2", *built_cpu.base_args, "--jobs", "2")
+    proc = cli(project, "build", "cpu", "cpu2", *built_cpu.base_args, "--jobs", "2", client=build_client)
     assert proc.returncode == 6, proc.stdout + proc.stderr
     report = json.loads((project / "build" / "report.json").read_text())
     status = {r["image"]: r for r in report["images"]}
@@ -140,23 +170,29 @@ def test_one_failing_image_leaves_the_others_built(tmp_path: Path, built_cpu: Bu
     assert "exit 3" in (status["cpu2-fp32"]["failed_step"] or "")
     assert status["cpu2-fp32"]["log"].endswith("build/logs/cpu2-fp32.log")
     assert "deliberately broken" in Path(status["cpu2-fp32"]["log"]).read_text()
-    assert docker("image", "inspect", "qwen-ft:cpu2-fp32", check=False).returncode != 0, (
+    assert docker("image", "inspect", f"{image}:cpu2-fp32", check=False).returncode != 0, (
         "no tag for a failure"
     )
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: 1 of 2 images failed: cpu2-fp32")
+    assert Path(status["cpu2-fp32"]["log"]).read_text().startswith(build_client.build_command)
+    remove_images(image)
 
 
-def test_no_ca_or_proxy_remains_in_the_image(tmp_path: Path, built_cpu: Built) -> None:
-    """--ca-bundle and proxies reach the build, but no file, ENV or history entry keeps them."""
+def test_no_ca_or_proxy_remains_in_the_image(tmp_path: Path, built_cpu: Built, build_client: Client) -> None:
+    """--ca-bundle and proxies reach the build, but no file, ENV or history entry keeps them.
+
+    Per path: each client sends the secret and the proxy build args its own way.
+    """
     marker = "qwen-ft-ca-marker-5f1c2b"
     bundle = tmp_path / "corp-ca.pem"
     bundle.write_text(CA_BUNDLE.read_text() + f"\n# {marker}\n")
-    project = copy_project(tmp_path / "secrets", image="qwen-ft-secrets")
+    image = session_image("secrets", build_client)
+    project = copy_project(tmp_path / "secrets", image=image)
     args = [a if a != str(CA_BUNDLE) else str(bundle) for a in built_cpu.base_args]
     # Warm the layer cache without proxies first (a no-op if the cpu image's layers are cached):
     # the proxy below does not exist, so only the last layer may run with it.
-    warm = cli(project, "build", "cpu", *args)
+    warm = cli(project, "build", "cpu", *args, client=build_client)
     assert warm.returncode == 0, warm.stdout + warm.stderr
     _edit_runtime(project, "force a fresh last layer for this build")
     proxy = "http://proxy.invalid:3128"
@@ -171,11 +207,13 @@ def test_no_ca_or_proxy_remains_in_the_image(tmp_path: Path, built_cpu: Built) -
         proxy,
         "--no-proxy",
         "localhost",
+        client=build_client,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     log = (project / "build" / "logs" / "cpu-fp32.log").read_text()
+    assert log.startswith(build_client.build_command)
     assert "--secret id=ca_bundle" in log and "HTTP_PROXY=" in log, "the options did reach the build"
-    ref = "qwen-ft-secrets:cpu-fp32"
+    ref = f"{image}:cpu-fp32"
     history = docker("history", "--no-trunc", ref).stdout
     assert "proxy.invalid" not in history and marker not in history
     config = inspect(ref)["Config"]
@@ -200,9 +238,11 @@ def test_no_ca_or_proxy_remains_in_the_image(tmp_path: Path, built_cpu: Built) -
                 assert b"/run/secrets/ca_bundle" not in data.read(), f"{member.name} names the CA secret"
     report = (project / "build" / "report.json").read_text()
     assert "proxy.invalid" in report  # no credentials in it, so it is recorded as given
+    remove_images(image)
 
 
 def test_bad_build_inputs_are_one_line_errors(tmp_path: Path, built_cpu: Built) -> None:
+    # One path suffices: every case is refused before a build command is chosen.
     cases = [
         (["--wheelhouse", str(tmp_path / "nope")], 2, "--wheelhouse"),
         (["--ca-bundle", str(tmp_path / "nope.pem")], 2, "--ca-bundle"),
@@ -221,19 +261,30 @@ def test_bad_build_inputs_are_one_line_errors(tmp_path: Path, built_cpu: Built) 
     assert proc.returncode == 2 and "matches no image; valid:" in proc.stderr
 
 
-def test_unreachable_base_image_suggests_base_map(tmp_path: Path, docker_engine: str) -> None:
-    project = copy_project(tmp_path / "nobase", image="qwen-ft-nobase")
-    proc = cli(project, "build", "cpu", "--base-map", "debian:bookworm-slim=127.0.0.1:5000/no/such-base:1")
+def test_unreachable_base_image_suggests_base_map(tmp_path: Path, build_client: Client) -> None:
+    # Per path: the hint is read from each client's own error output.
+    project = copy_project(tmp_path / "nobase", image=session_image("nobase", build_client))
+    proc = cli(
+        project, "build", "cpu", "--base-map", "debian:bookworm-slim=127.0.0.1:5000/no/such-base:1",
+        client=build_client,
+    )  # fmt: skip
     assert proc.returncode == 6, proc.stderr
     report = json.loads((project / "build" / "report.json").read_text())
     assert "--base-map" in report["images"][0]["error"]
 
 
-def test_dry_run_runs_nothing(tmp_path: Path, docker_engine: str) -> None:
+def test_dry_run_runs_nothing(tmp_path: Path, build_client: Client) -> None:
     project = copy_project(tmp_path / "dry", image="qwen-ft-dry")
-    proc = cli(project, "build", "--dry-run", "--base-map", f"nvidia/cuda:*={BASE_IMAGE}")
+    proc = cli(
+        project, "build", "--dry-run", "--base-map", f"nvidia/cuda:*={BASE_IMAGE}", client=build_client
+    )
     assert proc.returncode == 0, proc.stderr
-    assert "build --progress=plain" in proc.stdout
+    command = build_client.build_command.removeprefix("$ ") + "--progress=plain"
+    if build_client.path == "builtin":
+        command = "DOCKER_BUILDKIT=1 " + command
+    lines = proc.stdout.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("# v100-fp16:"))
+    assert lines[first + 1].startswith(command), lines[first + 1]
     assert f"BASE_IMAGE={BASE_IMAGE}" in proc.stdout
     assert proc.stdout.count("# ") >= 9
     assert docker("image", "inspect", "qwen-ft-dry:v100-fp16", check=False).returncode != 0
@@ -241,6 +292,7 @@ def test_dry_run_runs_nothing(tmp_path: Path, docker_engine: str) -> None:
 
 
 def test_prune_removes_only_superseded_content_tags(tmp_path: Path, built_cpu: Built) -> None:
+    # One path suffices: prune lists and removes tags through the SDK; builds only set it up.
     project = copy_project(tmp_path / "prune", image="qwen-ft-prune")
     first = cli(project, "build", "cpu", *built_cpu.base_args)
     assert first.returncode == 0, first.stderr
@@ -272,14 +324,20 @@ def _cleanup_test_images() -> object:
     shutil.rmtree("/nonexistent", ignore_errors=True)
 
 
-def test_ctrl_c_cancels_builds_and_moves_no_tag(tmp_path: Path, built_cpu: Built) -> None:
-    """SIGINT mid-build: exit 130, one line, no new tag, no container left behind."""
+def test_ctrl_c_cancels_builds_and_moves_no_tag(
+    tmp_path: Path, built_cpu: Built, build_client: Client
+) -> None:
+    """SIGINT mid-build: exit 130, one line, no new tag, no container left behind.
+
+    Per path: buildx and the classic client each handle the interrupt themselves.
+    """
     import os
     import signal
     import sys
     import time
 
-    project = copy_project(tmp_path / "interrupt", image="qwen-ft-interrupt")
+    image = session_image("interrupt", build_client)
+    project = copy_project(tmp_path / "interrupt", image=image)
     tpl = project / "templates" / "Dockerfile.j2"
     tpl.write_text(
         tpl.read_text().replace(
@@ -288,11 +346,8 @@ def test_ctrl_c_cancels_builds_and_moves_no_tag(tmp_path: Path, built_cpu: Built
         )
     )
     assert cli(project, "render").returncode == 0
-    # A leftover from an earlier session would make the build a no-op: start clean.
-    for ref in docker("images", "--format", "{{.Repository}}:{{.Tag}}", "qwen-ft-interrupt").stdout.split():
-        docker("rmi", "-f", ref, check=False)
     before = set(docker("ps", "-aq").stdout.split())
-    env = {**os.environ, "QWEN_FT_DOCKER": DOCKER}
+    env = {**os.environ, "QWEN_FT_DOCKER": build_client.exe, **build_client.env}
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -332,5 +387,11 @@ def test_ctrl_c_cancels_builds_and_moves_no_tag(tmp_path: Path, built_cpu: Built
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1].startswith("error: interrupted")
     assert "Traceback" not in err
-    assert docker("image", "inspect", "qwen-ft-interrupt:cpu-fp32", check=False).returncode != 0
-    assert set(docker("ps", "-aq").stdout.split()) <= before, "no container left behind"
+    assert log.read_text().startswith(build_client.build_command)
+    assert docker("image", "inspect", f"{image}:cpu-fp32", check=False).returncode != 0
+    # The daemon is shared: only a container running our step (by its RUN_ID) would be ours.
+    new = set(docker("ps", "-aq").stdout.split()) - before
+    ours = [
+        c for c in new if RUN_ID in docker("inspect", "-f", "{{json .Config.Cmd}}", c, check=False).stdout
+    ]
+    assert not ours, "no container left behind"

@@ -266,7 +266,7 @@ def test_t4_on_535_falls_back_to_a_cuda12_cell(kb: Knowledge, res: resolve.Resol
     assert fb is not None and fb.cell.spec.cuda.startswith("12.") and fb.min_driver == "525.60.13"
     assert fb.built is False  # not in matrix.yaml: doctor says how to add it
     assert fb.explain_command().startswith("qwen-ft-images explain t4 --cuda 12.")
-    cell = resolve.check_and_plan(kb, res.config.targets["t4"], fb.cell.spec, dtype=None, origin="test")
+    cell = resolve.check(kb, res.config.targets["t4"], fb.cell.spec, dtype=None, origin="test")
     assert cell.valid  # the proposal is a cell `explain` accepts
     assert gpu.run_command is not None and fb.tag in gpu.run_command and report.ok
     assert any("include:" in n for n in gpu.notes)
@@ -304,7 +304,7 @@ def test_blackwell_below_r570_has_no_image(kb: Knowledge, res: resolve.Resolutio
     report = report_for(kb, res, FakeHost({}), assume_gpus=["B200"], assume_driver="560.35.05")
     (gpu,) = report.gpus
     assert gpu.driver_ok is False and gpu.fallback is None and not gpu.usable and not report.ok
-    assert any("upgrade the driver to >= 570.26" in n for n in gpu.notes)
+    assert any("upgrade the driver to >= 570.133.20" in n for n in gpu.notes)
 
 
 def test_driver_unknown_is_not_a_failure(kb: Knowledge, res: resolve.Resolution) -> None:
@@ -402,6 +402,7 @@ def test_json_shape_is_stable(kb: Knowledge, res: resolve.Resolution) -> None:
         "cpu_arch",
         "docker",
         "nvidia_runtime",
+        "build",
         "driver",
         "source",
         "problem",
@@ -415,6 +416,35 @@ def test_json_shape_is_stable(kb: Knowledge, res: resolve.Resolution) -> None:
     assert set(data["cpu"]) == {"image", "tag", "run_command"}
     assert data["host"]["source"] in hostprobe.SOURCES
     json.dumps(data)  # serialisable as is
+
+
+def test_build_path_is_reported(
+    kb: Knowledge, res: resolve.Resolution, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QWEN_FT_DOCKER", "/opt/fake/docker")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    host = smi_host("t4.csv")
+    host.answers["/opt/fake/docker buildx version"] = CmdResult(
+        0, "github.com/docker/buildx v0.13.1 abc\n", ""
+    )
+    report = report_for(kb, res, host)
+    assert report.build == "docker buildx build --load (/opt/fake/docker, buildx v0.13.1)"
+    assert doctor.report_json(report)["host"]["build"] == report.build
+    assert "build    docker buildx build --load (/opt/fake/docker, buildx v0.13.1)\n" in doctor.render_text(
+        report
+    )
+    old = smi_host("t4.csv")
+    old.answers["/opt/fake/docker version --format"] = CmdResult(0, "20.10.24+dfsg1\n", "")
+    old.answers["/opt/fake/docker buildx"] = CmdResult(1, "", "docker: 'buildx' is not a docker command.")
+    assert report_for(kb, res, old).build == (
+        "DOCKER_BUILDKIT=1 docker build (/opt/fake/docker 20.10.24+dfsg1, built-in BuildKit)"
+    )
+    new = smi_host("t4.csv")
+    new.answers["/opt/fake/docker version --format"] = CmdResult(0, "28.2.2\n", "")
+    new.answers["/opt/fake/docker buildx"] = CmdResult(1, "", "docker: 'buildx' is not a docker command.")
+    line = report_for(kb, res, new).build
+    assert line is not None and line.startswith("none: /opt/fake/docker (28.2.2) has no buildx plugin")
+    assert report_for(kb, res, FakeHost({})).build is None, "no docker client: no build line"
 
 
 # ----------------------------------------------------------------------------- log signatures
@@ -550,7 +580,7 @@ def test_cli_bad_input_is_one_line(
 
 
 def test_doctor_is_fast(kb: Knowledge, res: resolve.Resolution) -> None:
-    """The fallback search runs check_and_plan over hundreds of cells; keep it interactive."""
+    """The fallback search runs resolve.check over hundreds of cells; keep it interactive."""
     import time
 
     started = time.perf_counter()

@@ -52,9 +52,9 @@ def test_torch_bounds() -> None:
 def test_an_unsourced_fact_is_refused() -> None:
     import copy
 
-    from builder.knowledge import _read
+    from builder.knowledge import read_yaml
 
-    data = copy.deepcopy(_read("deepspeed.yaml"))
+    data = copy.deepcopy(read_yaml("deepspeed.yaml"))
     data["ops"][0]["source"] = ""
     with pytest.raises(KnowledgeError, match="has no source"):
         _build(data)

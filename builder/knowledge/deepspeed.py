@@ -15,7 +15,7 @@ from packaging.version import Version
 
 from builder.errors import KnowledgeError
 
-from . import _read, _strs
+from . import _strs, read_yaml
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ def _source(entry: dict[str, Any], where: str) -> str:
 @cache
 def load_deepspeed() -> DeepSpeedKnowledge:
     try:
-        return _build(_read("deepspeed.yaml"))
+        return _build(read_yaml("deepspeed.yaml"))
     except (KeyError, TypeError, ValueError) as exc:
         raise KnowledgeError(f"builder/knowledge/deepspeed.yaml is malformed: {exc!r}") from exc
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .env import ATTNS, DTYPES, ENV_VARS, FLAGS, Plan
+from .env import ATTNS, DTYPES, ENV_VARS, FLAGS, PLAN_ENV_VARS, Plan
 from .errors import OOM_HINT, UsageError
 from .report import emit, stdout_to_stderr
 
@@ -30,8 +30,8 @@ def _positive_int(text: str) -> int:
 
 
 def _add_precision(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", choices=DTYPES, help="override the image's QWEN_FT_DTYPE")
-    parser.add_argument("--attn", choices=ATTNS, help="override the image's QWEN_FT_ATTN")
+    parser.add_argument("--dtype", choices=DTYPES, help=f"override the image's {ENV_VARS['dtype']}")
+    parser.add_argument("--attn", choices=ATTNS, help=f"override the image's {ENV_VARS['attn']}")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     parser.add_argument("--method", choices=("lora", "full"), default="lora")
     parser.add_argument("--seed", type=int, default=0)
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     contract = commands.add_parser("contract", help="check the installed stack against the plan")
     for field, flag in FLAGS.items():
         contract.add_argument(
-            flag, dest=f"plan_{field}", metavar="VALUE", help=f"overrides {ENV_VARS[field]}"
+            flag, dest=f"plan_{field}", metavar="VALUE", help=f"overrides {PLAN_ENV_VARS[field]}"
         )
 
     smoke = commands.add_parser("smoke", help="a few real LoRA steps on tiny Qwen2/Qwen3 models")

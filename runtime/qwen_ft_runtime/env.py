@@ -12,28 +12,15 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .errors import UsageError
+from .interface import DEEPSPEED_ENV_VARS, ENV_VARS, NONE
 
-# Field -> ENV variable set by the Dockerfile templates.
-ENV_VARS: dict[str, str] = {
-    "target": "QWEN_FT_TARGET",
-    "alias": "QWEN_FT_ALIAS",
-    "sm": "QWEN_FT_SM",
-    "dtype": "QWEN_FT_DTYPE",
-    "attn": "QWEN_FT_ATTN",
-    "torch": "QWEN_FT_TORCH",
-    "cuda": "QWEN_FT_CUDA",
-    "flash_attn": "QWEN_FT_FLASH_ATTN",
-    "triton": "QWEN_FT_TRITON",
-    # DeepSpeed's planned release (or `none`) and the ops prebuilt into it, comma-separated
-    # DeepSpeed op names (`fused_adam,cpu_adam`) or `none`.
-    "deepspeed": "QWEN_FT_DEEPSPEED",
-    "ds_ops": "QWEN_FT_DS_OPS",
-}
+# Every ENV the runtime reads as the image's plan: the rendered ones plus DeepSpeed's, which
+# join ENV_VARS once the builder plans DeepSpeed (issue #10).
+PLAN_ENV_VARS: dict[str, str] = {**ENV_VARS, **DEEPSPEED_ENV_VARS}
 
 DTYPES = ("bf16", "fp16", "fp32")
 ATTNS = ("sdpa", "flash_attention_2")
 TRITON_MODES = ("keep", "remove")
-NONE = "none"
 
 # Field -> `contract` flag that overrides its ENV variable (so tests need no ENV).
 FLAGS: dict[str, str] = {
@@ -160,7 +147,7 @@ class Plan:
         """ENV first, a non-None override wins; values are validated so typos fail early."""
         environ = os.environ if environ is None else environ
         values: dict[str, str | None] = {}
-        for field, var in ENV_VARS.items():
+        for field, var in PLAN_ENV_VARS.items():
             raw = (overrides or {}).get(field)
             source = FLAGS[field] if raw is not None else var
             if raw is None:

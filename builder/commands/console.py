@@ -12,7 +12,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from builder.build import ImageResult
+from builder.record import ImageResult
 
 _STYLE = {
     "queued": "dim",

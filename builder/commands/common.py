@@ -1,0 +1,182 @@
+"""What every command shares: the context object, options made from builder/options.py's
+table, JSON output, and turning Ctrl-C into one line."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+
+import click
+
+from builder import options as opts
+from builder.project import Project
+
+if TYPE_CHECKING:
+    from builder.config import MatrixConfig
+    from builder.jobs import BuildJob, BuildOptions
+    from builder.knowledge import Knowledge
+    from builder.resolve import Cell, Resolution
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Context:
+    matrix_path: Path
+    debug: bool
+
+    @property
+    def project(self) -> Project:
+        return Project(self.matrix_path.resolve())
+
+    def load(self) -> tuple[MatrixConfig, Knowledge, Resolution]:
+        """The matrix, the knowledge base and the resolution, memoized on what determines them."""
+        from builder import config, knowledge, memo, resolve
+
+        def compute() -> tuple[MatrixConfig, Knowledge, Resolution]:
+            cfg = config.load(self.matrix_path)
+            kb = knowledge.load()
+            return cfg, kb, resolve.resolve(cfg, kb)
+
+        key = self._load_key()
+        return compute() if key is None else memo.cached(self.project.memo, key, compute)
+
+    def _load_key(self) -> str | None:
+        from builder import memo
+
+        try:
+            text = self.matrix_path.read_bytes()
+        except OSError:
+            return None  # config.load says what is wrong
+        return memo.digest(["load", memo.builder_sources(), str(self.matrix_path.resolve()), text])
+
+    @property
+    def environ(self) -> Mapping[str, str]:
+        return os.environ
+
+    def noop_key(self, command: str, selectors: Sequence[str], cli: Mapping[str, Any]) -> str | None:
+        """The key of a no-op answer: the resolution's inputs, the runtime/ tree, the selectors
+        and the options that change what is built (base maps)."""
+        from builder import memo
+
+        key = self._load_key()
+        if key is None or not self.project.runtime.is_dir():
+            return None
+        parts = [
+            command,
+            key,
+            memo.tree_stamp(self.project.runtime),
+            *selectors,
+            "\0",
+            repr(cli.get("base_map")),
+        ]
+        return memo.digest(["noop", *parts])
+
+    def recall(self, key: str) -> Any:
+        from builder import memo
+
+        return memo.read_json(self.project.memo, key)
+
+    def remember(self, key: str, value: Any) -> None:
+        from builder import memo
+
+        memo.write_json(self.project.memo, key, value)
+
+    def jobs(
+        self, res: Resolution, kb: Knowledge, cells: Sequence[Cell], options: BuildOptions
+    ) -> list[BuildJob]:
+        """`jobs.plan_jobs`, memoized on the resolution, the runtime/ tree and the options that matter."""
+        from builder import jobs, memo
+
+        project = self.project
+        key = self._load_key()
+
+        def compute() -> list[BuildJob]:
+            return jobs.plan_jobs(project, res, kb, cells, options)
+
+        if key is None or not project.runtime.is_dir():
+            return compute()
+        parts = [key, memo.tree_stamp(project.runtime), repr(options.base_map), *(c.id for c in cells)]
+        return memo.cached(project.memo, memo.digest(["jobs", *parts]), compute)
+
+    def settings(
+        self, cli: Mapping[str, Any], names: Iterable[str] | None = None, cfg: MatrixConfig | None = None
+    ) -> opts.Settings:
+        """The named options (default: every one in `cli`) under the one precedence."""
+        matrix = {"registry": cfg.registry or None} if cfg is not None else None
+        return opts.resolve(list(names if names is not None else cli), cli, os.environ, matrix)
+
+
+def option(name: str, **overrides: Any) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """A click option made from its row in builder/options.py.
+
+    No click default and no envvar: `Context.settings` applies env, matrix.yaml and
+    defaults, so an unset flag reaches it as None (or False / ()).
+    """
+    row = opts.BY_NAME[name]
+    kwargs: dict[str, Any] = {"help": row.help, "metavar": row.metavar}
+    if row.kind == "flag":
+        kwargs["is_flag"] = True
+    elif row.kind == "multi":
+        kwargs["multiple"] = True
+    elif row.kind == "path":
+        kwargs["type"] = click.Path(path_type=Path)
+    elif row.kind == "int":
+        kwargs["type"] = int
+    elif row.kind == "float":
+        kwargs["type"] = float
+    if row.env:
+        kwargs["help"] = f"{row.help} [env: {row.env}]"
+    if row.default not in (None, (), False):
+        kwargs["help"] = f"{kwargs['help']} [default: {row.default}]"
+    kwargs.update(overrides)
+    return click.option(*row.flags, row.name, **kwargs)
+
+
+def emit_json(data: Any, *, compact: bool = False) -> None:
+    if compact:
+        click.echo(json.dumps(data, separators=(",", ":")))
+    else:
+        click.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+@contextlib.contextmanager
+def interrupt_as(message: str) -> Iterator[None]:
+    """Ctrl-C inside the block becomes `Interrupted(message)`: one line, exit 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        from builder.errors import Interrupted
+
+        raise Interrupted(message) from None
+
+
+def interruptible(message: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """`interrupt_as` around a whole command."""
+
+    def wrap(func: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(func)
+        def inner(*args: P.args, **kwargs: P.kwargs) -> R:
+            with interrupt_as(message):
+                return func(*args, **kwargs)
+
+        return inner
+
+    return wrap
+
+
+def stderr_console() -> Any:
+    """A rich console on stderr; in CI logs (no terminal) wide enough for the summary tables."""
+    from rich.console import Console
+
+    console = Console(stderr=True, highlight=False)
+    if not console.is_terminal:
+        console = Console(stderr=True, highlight=False, width=150)
+    return console

@@ -7,7 +7,7 @@ Tolerance: 1e-4 absolute on losses near 6. N ranks compute exactly the step one 
 (each rank's token-loss sum over the global token count, gradients averaged over ranks), so
 the only difference is the order in which fp32 gradient sums are added (gloo's all-reduce
 versus one matmul). That reorders roundings of ~1e-7 relative per step; over 6 AdamW steps
-the measured gap is <= 2e-6. 1e-4 leaves room for other CPUs' summation orders and is still
+the measured gap is <= 1e-6 (the rounding of the JSON losses). 1e-4 leaves room for other CPUs' summation orders and is still
 ~500x smaller than the loss change of one step (~0.05), so a rank that trained on the wrong
 slice, or gradients summed instead of averaged, fails it.
 """

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from builder import names
 from builder.content import HASH_LABEL, content_hash, hash_tag
 from builder.engine import BuildRequest, DockerEngine, Engine
 from builder.errors import ConfigError, RegistryError
@@ -101,7 +102,9 @@ def parse_base_map(items: Iterable[str]) -> tuple[tuple[str, str], ...]:
                 f"--base-map {item!r}: expected PATTERN=REPLACEMENT, "
                 "e.g. 'nvidia/cuda:*=mirror.local/nvidia/cuda:*'"
             )
-        rules.append((pattern.strip(), target.strip()))
+        rule = (pattern.strip(), target.strip())
+        names.check_base_rule(*rule, f"--base-map {names.shown(item)}")
+        rules.append(rule)
     return tuple(rules)
 
 
@@ -124,6 +127,9 @@ def build_args(cell: Cell, rules: Sequence[tuple[str, str]]) -> dict[str, str]:
     args = {"BASE_IMAGE": map_base(plan.base_image, rules), "TORCH_INDEX_URL": plan.torch.index_url or ""}
     if plan.flash_attn.builder_image:
         args["BUILDER_IMAGE"] = map_base(plan.flash_attn.builder_image, rules)
+    for name in ("BASE_IMAGE", "BUILDER_IMAGE"):
+        if name in args:  # a rule's '*' can still splice into something that is no reference
+            names.check_reference(args[name], f"{cell.id}: {name} after --base-map/base_map")
     return args
 
 
@@ -155,6 +161,8 @@ def plan_jobs(
 
 
 def check_inputs(project: Project, options: BuildOptions) -> None:
+    if options.registry:
+        names.check_registry(options.registry, "--registry")
     if options.wheelhouse is not None and not options.wheelhouse.is_dir():
         raise ConfigError(f"--wheelhouse {options.wheelhouse}: no such folder; create it or drop the option")
     if options.ca_bundle is not None and not options.ca_bundle.is_file():

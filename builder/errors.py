@@ -13,8 +13,14 @@ class FatalError(Exception):
     exit_code = 1
 
     def __init__(self, message: str) -> None:
+        message = one_line(message)
         super().__init__(message)
         self.message = message
+
+
+def one_line(text: str) -> str:
+    """Control characters shown escaped: an error is one line whatever value it quotes."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 class ConfigError(FatalError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from builder import names
 from builder.build import BuildJob, BuildOptions, plan_jobs, remote
 from builder.errors import RenderCheckError
 from builder.knowledge import Knowledge
@@ -107,6 +108,8 @@ def facts(
     check_committed(project, resolution, kb, cells)
     config = resolution.config
     reg = config.registry if registry is None else registry
+    if reg:
+        names.check_registry(reg, "--registry", config.image)
     out = []
     for job in plan_jobs(project, resolution, kb, cells, options or BuildOptions()):
         plan = job.cell.plan

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from packaging.version import Version
 
+from builder import names
 from builder.config import CellSpec, MatrixConfig, TargetConfig
 from builder.errors import ConfigError
 from builder.knowledge import Distro, FlashAttnRelease, Knowledge, TorchRelease
@@ -573,6 +574,8 @@ def finish(cell: Cell, *, image: str, recommended: bool) -> Cell:
     assert base is not None
     cell = replace(cell, recommended=recommended)
     tags = (cell.alias, cell.pinned) if recommended else (cell.pinned,)
+    for tag in tags:
+        names.check_tag(tag, f"targets.{cell.spec.target}")
     plan = replace(base, tags=tuple(f"{image}:{t}" for t in tags))
     return replace(cell, plan=replace(plan, labels=labels(cell, plan)))
 
@@ -690,16 +693,19 @@ def resolve(config: MatrixConfig, kb: Knowledge) -> Resolution:
                 f"run `qwen-ft-images matrix --all` to see each reason"
             )
         valid.append(finish(best, image=config.image, recommended=True))
-        for inc in config.include:
+        for i, inc in enumerate(config.include):
             if inc.target != name:
                 continue
             if inc.key() == best.spec.key():
                 continue
             cell = check_and_plan(kb, target, inc, dtype=None, origin="include")
-            if cell.valid:
-                valid.append(finish(cell, image=config.image, recommended=False))
-            else:
-                excluded.append(cell)
+            if not cell.valid:  # an image asked for by name never vanishes silently
+                why = "; ".join(r.message for r in cell.reasons)
+                raise ConfigError(
+                    f"{config.path}: include[{i}] ({cell.pinned}) is invalid: {why}; "
+                    f"fix or remove it (`qwen-ft-images explain {name} ...` shows why)"
+                )
+            valid.append(finish(cell, image=config.image, recommended=False))
         # Other valid axis cells are candidates, not images: they appear in `matrix --all`.
         excluded.extend(replace(c, origin="candidate") for c in candidates)
     return Resolution(config=config, cells=tuple(valid), excluded=tuple(excluded))

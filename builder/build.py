@@ -27,6 +27,7 @@ from builder import names
 from builder.content import HASH_LABEL, content_hash, hash_tag
 from builder.engine import BuildRequest, DockerEngine, Engine
 from builder.errors import ConfigError, RegistryError
+from builder.fsio import write_atomic
 from builder.knowledge import Knowledge
 from builder.render import Project, dockerfile, environment
 from builder.resolve import Cell, Resolution
@@ -169,6 +170,10 @@ def check_inputs(project: Project, options: BuildOptions) -> None:
         raise ConfigError(f"--ca-bundle {options.ca_bundle}: no such file; pass a PEM bundle")
     if not project.runtime.is_dir():
         raise ConfigError(f"{project.runtime}: runtime/ folder missing; run from the project root")
+    if project.build.exists() and not project.build.is_dir():
+        raise ConfigError(
+            f"{project.build}: is a file, but build output goes in this folder; move the file away"
+        )
     if options.jobs < 1:
         raise ConfigError("--jobs must be at least 1")
 
@@ -422,11 +427,8 @@ def stale_tags(jobs: Sequence[BuildJob], local: Mapping[str, str]) -> list[str]:
 
 def write_report(project: Project, results: Sequence[ImageResult], meta: Mapping[str, Any]) -> Path:
     path = project.build / "report.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = {**meta, "images": [_public(asdict(r)) for r in results]}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
     return path
 
 

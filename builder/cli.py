@@ -262,7 +262,9 @@ def schema_cmd(output: Path | None) -> None:
 
     text = schema_json()
     if output:
-        output.write_text(text, encoding="utf-8")
+        from builder.fsio import write_atomic
+
+        write_atomic(output, text, parents=False)
     else:
         click.echo(text, nl=False)
 
@@ -538,7 +540,9 @@ def bake_cmd(
     if str(output) == "-":
         click.echo(text, nl=False)
         return
-    output.write_text(text, encoding="utf-8")
+    from builder.fsio import write_atomic
+
+    write_atomic(output, text, parents=False)
     click.echo(f"wrote {output} ({len(facts)} targets); staged {project.build / 'context'}", err=True)
     if not reg:
         click.echo("note: no registry, so no registry cache; pass --registry to share the cache", err=True)
@@ -562,9 +566,19 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("interrupted", err=True)
         sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
+    except click.ClickException as exc:  # usage errors too: one `error:` line, like every other
+        from builder.errors import one_line
+
+        hint = (
+            f"; see `{exc.ctx.command_path} --help`" if isinstance(exc, click.UsageError) and exc.ctx else ""
+        )
+        click.echo(f"error: {one_line(exc.format_message()).rstrip('.')}{hint}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except OSError as exc:  # a file-system problem no stage anticipated: still one line
+        from builder.errors import ConfigError
+        from builder.fsio import problem
+
+        _fail(ConfigError(problem(exc, Path(exc.filename or "?"))), debug)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.errors import ConfigError
+from builder.fsio import write_atomic
 
 PASS, FAIL, NOT_RUN = "pass", "FAIL", "—"
 
@@ -419,13 +420,10 @@ def write_pages(
     rows = gather(build, smoke, audit, plans)
     meta = page_meta(build, smoke, audit)
     folder = build_dir / "reports"
-    folder.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(meta["generated"]))
     md_path, html_path = folder / f"report-{stamp}.md", folder / f"report-{stamp}.html"
     texts = {md_path: render_markdown(rows, meta), html_path: render_html(rows, meta)}
     for path, text in texts.items():
         for target in (path, folder / f"index{path.suffix}"):
-            tmp = target.with_suffix(target.suffix + ".tmp")
-            tmp.write_text(text, encoding="utf-8")
-            tmp.replace(target)
+            write_atomic(target, text)
     return md_path, html_path, rows

@@ -17,7 +17,6 @@ Three stages, each testable alone:
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import hashlib
 import json
 import re
@@ -29,21 +28,16 @@ import time
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
-import yaml
-from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
+from builder import contract
 from builder.engine import ContainerEngine, parse_json_lines
-from builder.errors import ConfigError, EngineError, KnowledgeError
+from builder.errors import ConfigError, EngineError
+from builder.knowledge.waivers import Waiver, load_waivers
 
-SM_LABEL = "io.qwen-ft.sm"
-TARGET_LABEL = "io.qwen-ft.target"
-RUN_LABEL = "io.qwen-ft.audit-run"
 MOUNT = "/opt/qwen-ft-audit"
 DEFAULT_TIMEOUT_S = 900.0
 
@@ -113,7 +107,7 @@ def sass_runs_on(arch: Arch, target: int) -> bool:
     """Binary compatibility: same major and minor <= target's; sm_XYa only on sm_XY."""
     if arch.variant == "a":
         return arch.sm == target
-    return arch.major == target // 10 and arch.minor <= target % 10
+    return contract.runs_on(arch.sm, target)
 
 
 def ptx_jits_for(arch: Arch, target: int) -> bool:
@@ -187,47 +181,6 @@ def parse_embedded(data: Mapping[str, Any] | None) -> Listing:
         arch = Arch(int(sm))
         bucket[arch] = bucket.get(arch, 0) + int(n)
     return Listing(sass, ptx)
-
-
-# ----------------------------------------------------------------------------- waivers
-
-
-@dataclass(frozen=True)
-class Waiver:
-    id: str
-    dist: str
-    file: str
-    sm: SpecifierSet | None
-    reason: str
-    source: str
-
-    def applies(self, dist: str | None, path: str, target: int) -> bool:
-        name = path.rsplit("/", 1)[-1]
-        if not fnmatch.fnmatchcase(name, self.file) or not fnmatch.fnmatchcase(dist or "", self.dist):
-            return False
-        return self.sm is None or Version(str(target)) in self.sm
-
-
-@cache
-def load_waivers() -> tuple[Waiver, ...]:
-    text = resources.files("builder.knowledge").joinpath("kernels.yaml").read_text(encoding="utf-8")
-    data = yaml.safe_load(text)
-    out = []
-    try:
-        for w in data["waivers"]:
-            out.append(
-                Waiver(
-                    id=str(w["id"]),
-                    dist=str(w["dist"]),
-                    file=str(w["file"]),
-                    sm=SpecifierSet(str(w["sm"])) if w.get("sm") else None,
-                    reason=" ".join(str(w["reason"]).split()),
-                    source=" ".join(str(w["source"]).split()),
-                )
-            )
-    except (KeyError, TypeError, InvalidSpecifier) as exc:
-        raise KnowledgeError(f"builder/knowledge/kernels.yaml is malformed: {exc!r}") from exc
-    return tuple(out)
 
 
 # ----------------------------------------------------------------------------- judging
@@ -581,17 +534,17 @@ def target_sm(ref: str, labels: Mapping[str, str] | None, sm: int | str | None) 
         raise ConfigError(f"image {ref} not found; build it first (qwen-ft-images build), or docker pull it")
     if sm is not None:
         return parse_sm(sm), "--sm"
-    label = labels.get(SM_LABEL)
+    label = labels.get(contract.SM)
     if label is None:
         raise ConfigError(
-            f"{ref} was not built by qwen-ft-images (no {SM_LABEL} label); pass --sm N to audit it anyway"
+            f"{ref} was not built by qwen-ft-images (no {contract.SM} label); pass --sm N to audit it anyway"
         )
     if label.strip().lower() in ("", "none"):
         return None, "label"
     try:
         return parse_sm(label), "label"
     except ConfigError:
-        raise ConfigError(f"{ref}: label {SM_LABEL}={label!r} is not an SM; pass --sm N") from None
+        raise ConfigError(f"{ref}: label {contract.SM}={label!r} is not an SM; pass --sm N") from None
 
 
 def audit_image(
@@ -620,7 +573,7 @@ def audit_image(
         image=name or image_ref,
         ref=image_ref,
         image_id=engine.image_id(image_ref),
-        target=image_labels.get(TARGET_LABEL),
+        target=image_labels.get(contract.TARGET),
         sm=target,
         sm_source=source,
     )

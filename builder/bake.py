@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.images import BUILD_PLATFORM, CONTEXT_DIR, ImageFacts
-from builder.render import Project
+from builder.project import Project
 
 # buildx validates target and group names against this (bake/bake.go validTargetNameChars),
 # while cell ids carry dots (torch2.8.0, py3.10).

@@ -1,4 +1,4 @@
-"""Build, tag and push the selected images: plan (pure), then run against an Engine.
+"""Build, tag and push the planned jobs (builder/jobs.py) against an Engine, and record the run.
 
 Safety rules this module keeps:
 - an image is tagged only after its build succeeded, so a failed or interrupted
@@ -9,65 +9,25 @@ Safety rules this module keeps:
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
-import re
 import shlex
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from builder import names
-from builder.content import HASH_LABEL, content_hash, hash_tag
+from builder import contract
+from builder.contract import qualify
 from builder.engine import BuildRequest, DockerEngine, Engine
-from builder.errors import ConfigError, RegistryError
+from builder.errors import RegistryError
 from builder.fsio import write_atomic
-from builder.knowledge import Knowledge
-from builder.render import Project, dockerfile, environment
-from builder.resolve import Cell, Resolution
-
-CA_SECRET_ID = "ca_bundle"
-
-
-@dataclass(frozen=True, kw_only=True)
-class BuildOptions:
-    jobs: int = 1
-    fail_fast: bool = False
-    push: bool = False
-    registry: str | None = None
-    force: bool = False
-    base_map: tuple[tuple[str, str], ...] = ()
-    wheelhouse: Path | None = None
-    ca_bundle: Path | None = None
-    http_proxy: str | None = None
-    https_proxy: str | None = None
-    no_proxy: str | None = None
-    network: str | None = None
-    dry_run: bool = False
-
-
-@dataclass(frozen=True)
-class BuildJob:
-    cell: Cell
-    dockerfile: Path
-    build_args: Mapping[str, str]
-    digest: str
-    tags: tuple[str, ...]  # alias (if recommended), pinned, content-hash tag
-    labels: Mapping[str, str]
-
-    @property
-    def name(self) -> str:
-        return self.cell.id
-
-    @property
-    def hash_ref(self) -> str:
-        return self.tags[-1]
+from builder.jobs import CA_SECRET_ID, BuildJob, BuildOptions
+from builder.project import Project
 
 
 @dataclass
@@ -91,96 +51,12 @@ class ImageResult:
         return self.status in ("built", "up-to-date")
 
 
-# ----------------------------------------------------------------------------- planning
-
-
-def parse_base_map(items: Iterable[str]) -> tuple[tuple[str, str], ...]:
-    rules = []
-    for item in items:
-        pattern, sep, target = item.partition("=")
-        if not sep or not pattern or not target:
-            raise ConfigError(
-                f"--base-map {item!r}: expected PATTERN=REPLACEMENT, "
-                "e.g. 'nvidia/cuda:*=mirror.local/nvidia/cuda:*'"
-            )
-        rule = (pattern.strip(), target.strip())
-        names.check_base_rule(*rule, f"--base-map {names.shown(item)}")
-        rules.append(rule)
-    return tuple(rules)
-
-
-def map_base(ref: str, rules: Sequence[tuple[str, str]]) -> str:
-    """The first matching rule wins; a trailing '*' in both sides carries the rest over."""
-    for pattern, target in rules:
-        if pattern.endswith("*") and target.endswith("*"):
-            stem = pattern[:-1]
-            if ref.startswith(stem):
-                return target[:-1] + ref[len(stem) :]
-        elif fnmatch.fnmatchcase(ref, pattern):
-            return target
-    return ref
-
-
-def build_args(cell: Cell, rules: Sequence[tuple[str, str]]) -> dict[str, str]:
-    """Build args that change what gets built, after base mapping; part of the content hash."""
-    assert cell.plan is not None
-    plan = cell.plan
-    args = {"BASE_IMAGE": map_base(plan.base_image, rules), "TORCH_INDEX_URL": plan.torch.index_url or ""}
-    if plan.flash_attn.builder_image:
-        args["BUILDER_IMAGE"] = map_base(plan.flash_attn.builder_image, rules)
-    for name in ("BASE_IMAGE", "BUILDER_IMAGE"):
-        if name in args:  # a rule's '*' can still splice into something that is no reference
-            names.check_reference(args[name], f"{cell.id}: {name} after --base-map/base_map")
-    return args
-
-
-def plan_jobs(
-    project: Project,
-    resolution: Resolution,
-    kb: Knowledge,
-    cells: Sequence[Cell],
-    options: BuildOptions,
-) -> list[BuildJob]:
-    """Pure: what each selected image's build would be, from the in-memory render.
-
-    Only the selected images are rendered: a no-op rebuild of one image should not pay
-    for templating the whole matrix.
-    """
-    env = environment(project.templates)
-    rules = options.base_map + resolution.config.base_map
-    jobs = []
-    for cell in cells:
-        assert cell.plan is not None
-        path = project.dockerfile(cell)
-        text = dockerfile(env, kb, cell, resolution.config.image)
-        args = build_args(cell, rules)
-        digest = content_hash(text, project.runtime, args)
-        image = resolution.config.image
-        tags = (*cell.plan.tags, f"{image}:{hash_tag(cell.spec.target, digest)}")
-        jobs.append(BuildJob(cell, path, args, digest, tags, {HASH_LABEL: digest}))
-    return jobs
-
-
-def check_inputs(project: Project, options: BuildOptions) -> None:
-    if options.registry:
-        names.check_registry(options.registry, "--registry")
-    if options.wheelhouse is not None and not options.wheelhouse.is_dir():
-        raise ConfigError(f"--wheelhouse {options.wheelhouse}: no such folder; create it or drop the option")
-    if options.ca_bundle is not None and not options.ca_bundle.is_file():
-        raise ConfigError(f"--ca-bundle {options.ca_bundle}: no such file; pass a PEM bundle")
-    if not project.runtime.is_dir():
-        raise ConfigError(f"{project.runtime}: runtime/ folder missing; run from the project root")
-    if project.build.exists() and not project.build.is_dir():
-        raise ConfigError(
-            f"{project.build}: is a file, but build output goes in this folder; move the file away"
-        )
-    if options.jobs < 1:
-        raise ConfigError("--jobs must be at least 1")
+# ----------------------------------------------------------------------------- preparing
 
 
 def stage_context(project: Project, options: BuildOptions) -> Path:
     """build/context/: runtime/ plus wheelhouse/ (bind-mounted by the Dockerfiles, never copied in)."""
-    ctx = project.build / "context"
+    ctx = project.context
     runtime = ctx / "runtime"
     if runtime.exists():
         shutil.rmtree(runtime)
@@ -228,26 +104,20 @@ def request_for(job: BuildJob, context: Path, options: BuildOptions) -> BuildReq
     )
 
 
-def remote(ref: str, registry: str) -> str:
-    return f"{registry.rstrip('/')}/{ref}"
-
-
 def dry_run_lines(
     project: Project, jobs: Sequence[BuildJob], engine: DockerEngine, options: BuildOptions
 ) -> Iterator[str]:
     """The plan and the exact commands a build would run; nothing is run."""
-    context = project.build / "context"
+    context = project.context
     for job in jobs:
-        argv, env = engine.build_argv(
-            request_for(job, context, options), project.build / "logs" / f"{job.name}.iid"
-        )
+        argv, env = engine.build_argv(request_for(job, context, options), project.logs / f"{job.name}.iid")
         yield f"# {job.name}: content hash {job.digest[:12]}; tags {', '.join(job.tags)}"
         yield " ".join([*(f"{k}={v}" for k, v in env.items()), shlex.join(argv)])
         for ref in job.tags:
             yield shlex.join([engine.exe, "tag", "<image-id>", ref])
         if options.push and options.registry:
             for ref in job.tags:
-                yield shlex.join([engine.exe, "push", remote(ref, options.registry)])
+                yield shlex.join([engine.exe, "push", qualify(ref, options.registry)])
 
 
 # ----------------------------------------------------------------------------- running
@@ -266,7 +136,7 @@ def run(
 ) -> list[ImageResult]:
     """Build what changed, in parallel; tag on success; push if asked. Never raises for one image."""
     cancel = cancel or threading.Event()
-    logs = project.build / "logs"
+    logs = project.logs
     context = stage_context(project, options)
     results = {job.name: ImageResult(image=job.name, log=str(logs / f"{job.name}.log")) for job in jobs}
     lock = threading.Lock()
@@ -285,7 +155,7 @@ def run(
         start = time.monotonic()
         update(job.name, status="building", started=start)
         labels = engine.image_labels(job.hash_ref)
-        if labels is not None and labels.get(HASH_LABEL) == job.digest:
+        if labels is not None and labels.get(contract.CONTENT_HASH) == job.digest:
             image_id = engine.image_id(job.hash_ref)
             assert image_id is not None
             status = "up-to-date"
@@ -373,7 +243,7 @@ def push_image(engine: Engine, job: BuildJob, image_id: str, registry: str, *, f
     alias_refs = set(job.tags[:1]) if job.cell.recommended else set()
     pushed: dict[str, str] = {}
     for ref in job.tags:
-        target = remote(ref, registry)
+        target = qualify(ref, registry)
         if ref not in alias_refs:
             existing = engine.remote_digest(target)
             if existing is not None:
@@ -397,35 +267,77 @@ def push_image(engine: Engine, job: BuildJob, image_id: str, registry: str, *, f
     return pushed
 
 
-# ----------------------------------------------------------------------------- pruning
-
-_HASH_TAG = re.compile(r"^(?P<target>[A-Za-z0-9_.-]+)-(?P<digest>[0-9a-f]{12})$")
+# ----------------------------------------------------------------------------- the stage
 
 
-def stale_tags(jobs: Sequence[BuildJob], local: Mapping[str, str]) -> list[str]:
-    """Content-hash tags that no current image has and that name no alias/pinned image.
-
-    Old content tags keep superseded images alive (they are immutable on purpose);
-    removing them lets the engine free the layers. A tag whose image is still what an
-    alias or pinned tag points at is kept.
-    """
-    current = {job.hash_ref for job in jobs}
-    named = {tag for job in jobs for tag in job.tags[:-1]}
-    live_ids = {local[t] for t in named if t in local}
-    targets = {job.cell.spec.target for job in jobs}
-    stale = []
-    for ref, image_id in sorted(local.items()):
-        m = _HASH_TAG.match(ref.rsplit(":", 1)[1])
-        if m is None or m.group("target") not in targets or ref in current or image_id in live_ids:
-            continue
-        stale.append(ref)
-    return stale
+@dataclass(frozen=True)
+class BuildRun:
+    results: list[ImageResult]
+    record: Path  # build/report.json
 
 
-# ----------------------------------------------------------------------------- reports
+def preflight(engine: Engine, jobs: Sequence[BuildJob], options: BuildOptions) -> str:
+    """The engine's version; fails before any build if the engine or the registry is unusable."""
+    version = engine.check()
+    if options.push and options.registry and jobs:
+        engine.remote_digest(qualify(jobs[0].tags[0], options.registry))
+    return version
 
 
-def write_report(project: Project, results: Sequence[ImageResult], meta: Mapping[str, Any]) -> Path:
+def execute(
+    project: Project,
+    jobs: Sequence[BuildJob],
+    engine: Engine,
+    options: BuildOptions,
+    on_change: Listener = lambda r: None,
+) -> BuildRun:
+    """preflight -> run -> record. Ctrl-C cancels the running builds and moves no tag."""
+    engine_version = preflight(engine, jobs, options)
+    started = time.time()
+    try:
+        results = run(project, jobs, engine, options, on_change=on_change)
+    except KeyboardInterrupt:
+        from builder.errors import Interrupted
+
+        raise Interrupted("interrupted: running builds were cancelled; no tag was moved") from None
+    meta = {
+        "command": "build",
+        "started": started,
+        "seconds": round(time.time() - started, 2),
+        "engine": engine_version,
+        "options": {
+            "jobs": options.jobs,
+            "push": options.push,
+            "registry": options.registry,
+            "base_map": [f"{a}={b}" for a, b in options.base_map],
+            "wheelhouse": str(options.wheelhouse) if options.wheelhouse else None,
+            "ca_bundle": bool(options.ca_bundle),
+            "http_proxy": redact(options.http_proxy),
+            "https_proxy": redact(options.https_proxy),
+        },
+    }
+    return BuildRun(results, write_record(project, results, meta))
+
+
+def raise_for_failures(results: Sequence[ImageResult]) -> None:
+    """Exit 7 when every failure is the registry's (every image built), else 6."""
+    failed = [r for r in results if not r.ok]
+    if not failed:
+        return
+    if all(r.failed_in == "push" for r in failed):
+        raise RegistryError(failed[0].error or "push failed")
+    from builder.errors import BuildFailed
+
+    raise BuildFailed(
+        f"{len(failed)} of {len(results)} images failed: "
+        + "; ".join(f"{r.image} ({r.error}; log {r.log})" for r in failed)
+    )
+
+
+# ----------------------------------------------------------------------------- the build record
+
+
+def write_record(project: Project, results: Sequence[ImageResult], meta: Mapping[str, Any]) -> Path:
     path = project.build / "report.json"
     data = {**meta, "images": [_public(asdict(r)) for r in results]}
     write_atomic(path, json.dumps(data, indent=2) + "\n")

@@ -24,6 +24,9 @@ checks that.
 from __future__ import annotations
 
 import difflib
+import importlib.metadata
+import importlib.util
+import json
 import math
 import os
 import re
@@ -37,11 +40,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from packaging.version import InvalidVersion, Version
 
+from builder import contract
 from builder.engine import ContainerEngine, ContainerRun, parse_json_lines
-from builder.errors import ConfigError
+from builder.errors import ConfigError, SmokeFailed
 
 if TYPE_CHECKING:
+    from builder.config import MatrixConfig
     from builder.hostprobe import GpuInfo
+    from builder.knowledge import Knowledge
+    from builder.project import Project
+    from builder.resolve import Cell
 
 DTYPES = ("fp32", "fp16", "bf16")
 METHODS = ("lora", "full")
@@ -49,8 +57,6 @@ ATTNS = ("auto", "sdpa", "flash_attention_2")
 TINY_MODELS = ("qwen2-tiny", "qwen3-tiny")
 DEFAULT_STEPS = 20
 DEFAULT_TIMEOUT_S = 1800.0
-RUNTIME = "qwen-ft-runtime"
-MODEL_MOUNT = "/model"
 # The runtime's own defaults give fp16 a lower LR on a real checkpoint (1e-4, QwenLM/Qwen3#670);
 # a comparison needs one LR for every dtype, so compare passes the runtime's train default.
 # The tiny models need no flag: the runtime's tiny LR depends on the method only.
@@ -112,20 +118,19 @@ class Subject:
     torch: str | None  # the image's torch release
 
 
-LABEL = "io.qwen-ft"
-
-
 def subject_from_labels(ref: str, labels: Mapping[str, str], name: str | None = None) -> Subject:
-    if f"{LABEL}.target" not in labels:
-        raise ConfigError(f"{ref} has no {LABEL}.* labels: not an image built by qwen-ft-images")
-    sm_text = labels.get(f"{LABEL}.sm", "none")
+    if contract.TARGET not in labels:
+        raise ConfigError(
+            f"{ref} has no {contract.LABEL_PREFIX}.* labels: not an image built by qwen-ft-images"
+        )
+    sm_text = labels.get(contract.SM, "none")
     return Subject(
-        name=name or safe_name(labels.get(f"{LABEL}.alias") or ref),
+        name=name or safe_name(labels.get(contract.ALIAS) or ref),
         image=ref,
         sm=None if sm_text in ("none", "") else int(sm_text),
-        attn=labels.get(f"{LABEL}.attn", "sdpa"),
-        flash_attn=labels.get(f"{LABEL}.flash-attn", "none") != "none",
-        torch=labels.get(f"{LABEL}.torch"),
+        attn=labels.get(contract.ATTN, "sdpa"),
+        flash_attn=labels.get(contract.FLASH_ATTN, "none") != "none",
+        torch=labels.get(contract.TORCH),
     )
 
 
@@ -147,11 +152,6 @@ class Hardware:
         return where + torch
 
 
-def runs_on(device_sm: int | None, image_sm: int) -> bool:
-    """NVIDIA binary compatibility: same major, device minor >= the image's minor."""
-    return device_sm is not None and device_sm // 10 == image_sm // 10 and device_sm >= image_sm
-
-
 def choose_hardware(
     subject: Subject,
     gpus: Sequence[GpuInfo],
@@ -167,7 +167,7 @@ def choose_hardware(
 
     `requested` is --device: auto, cuda or cpu. With --native the host's torch runs the steps,
     so any host GPU will do; in a container, a GPU image needs a GPU its SM runs on, and the cpu
-    image's torch has no CUDA. A GPU image on the CPU gets QWEN_FT_SM unset, so the runtime does
+    image's torch has no CUDA. A GPU image on the CPU gets its SM ENV unset, so the runtime does
     not fail its device check; compare passes --dtype/--attn, so the image's half-precision
     defaults do not apply.
     """
@@ -175,7 +175,7 @@ def choose_hardware(
     flash = host_flash_attn if native else subject.flash_attn
 
     def cpu(note: str) -> Hardware:
-        env = {"QWEN_FT_SM": ""} if not native and subject.sm is not None else {}
+        env = {contract.ENV_VARS["sm"]: ""} if not native and subject.sm is not None else {}
         return Hardware("cpu", cpu_name, None, torch, False, note, env)
 
     if requested == "cpu":
@@ -188,7 +188,7 @@ def choose_hardware(
         return cpu("cpu image")
     else:
         image_sm = subject.sm
-        candidates = [g for g in gpus if runs_on(sm_of(g), image_sm)]
+        candidates = [g for g in gpus if contract.runs_on(image_sm, sm_of(g))]
     if candidates:
         gpu = candidates[0]
         env: dict[str, str] = {}
@@ -320,33 +320,19 @@ class DockerExecutor:
     labels: Mapping[str, str] = field(default_factory=dict)
 
     def model_arg(self, host_path: Path) -> str:
-        return MODEL_MOUNT
+        return contract.MODEL_MOUNT
 
     def run(self, args: Sequence[str], env: Mapping[str, str], timeout: float) -> ContainerRun:
-        volumes = {str(self.model.resolve()): MODEL_MOUNT} if self.model is not None else None
+        volumes = {str(self.model.resolve()): contract.MODEL_MOUNT} if self.model is not None else None
         return self.engine.run_container(
             self.image,
-            [RUNTIME, *args],
+            contract.runtime_argv(*args),
             timeout=timeout,
             gpus=self.gpus,
             env=env,
             volumes=volumes,
             labels=self.labels,
         )
-
-
-# The image's plan ENV, which a host process must not inherit from the caller's shell.
-PLAN_ENV = (
-    "QWEN_FT_TARGET",
-    "QWEN_FT_ALIAS",
-    "QWEN_FT_SM",
-    "QWEN_FT_DTYPE",
-    "QWEN_FT_ATTN",
-    "QWEN_FT_TORCH",
-    "QWEN_FT_CUDA",
-    "QWEN_FT_FLASH_ATTN",
-    "QWEN_FT_TRITON",
-)
 
 
 @dataclass
@@ -360,15 +346,15 @@ class NativeExecutor:
         return str(host_path.resolve())
 
     def run(self, args: Sequence[str], env: Mapping[str, str], timeout: float) -> ContainerRun:
-        child = {k: v for k, v in os.environ.items() if k not in PLAN_ENV}
+        child = {k: v for k, v in os.environ.items() if k not in contract.ENV_VARS.values()}
         child.update(env)
-        if self.runtime_dir is not None and (self.runtime_dir / "qwen_ft_runtime").is_dir():
+        if self.runtime_dir is not None and (self.runtime_dir / contract.MODULE).is_dir():
             paths = [str(self.runtime_dir), *filter(None, [child.get("PYTHONPATH")])]
             child["PYTHONPATH"] = os.pathsep.join(paths)
         start = time.monotonic()
         try:
             done = subprocess.run(
-                [self.python, "-m", "qwen_ft_runtime", *args],
+                [self.python, "-m", contract.MODULE, *args],
                 capture_output=True,
                 text=True,
                 env=child,
@@ -429,7 +415,7 @@ def usage_message(stderr: str, model: Path | None = None) -> str:
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     text = _USAGE_PREFIX.sub("", lines[-1]) if lines else "the runtime rejected its arguments"
     if model is not None:
-        text = re.sub(rf"{re.escape(MODEL_MOUNT)}(?=[/\s:),']|$)", str(model), text)
+        text = re.sub(rf"{re.escape(contract.MODEL_MOUNT)}(?=[/\s:),']|$)", str(model), text)
     return text
 
 
@@ -727,3 +713,183 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
         else:
             out.append(f"{head} {c['reason']}")
     return out
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def sm_resolver(kb: Knowledge, cfg: MatrixConfig | None) -> Any:
+    def sm_of(gpu: GpuInfo) -> int | None:
+        if gpu.sm is not None:
+            return gpu.sm
+        if cfg is not None:
+            from builder.doctor import sm_for_name
+
+            return sm_for_name(kb, cfg, gpu.name)
+        known = kb.gpu_by_name(gpu.name)
+        return None if known is None else known.sm
+
+    return sm_of
+
+
+def native_subject(cell: Cell) -> Subject:
+    return Subject(
+        name=cell.id,
+        image=None,
+        sm=cell.sm,
+        attn=cell.plan.attn_implementation,
+        flash_attn=cell.plan.flash_attn.version is not None,
+        torch=cell.plan.torch.version,
+    )
+
+
+def check_model(path: Path) -> None:
+    """Refuse a path that is not a local Qwen checkpoint before any run starts, with the runtime's
+    own check and message (it only reads config.json). Each run checks again inside the image."""
+    if not path.exists():
+        raise ConfigError(f"model path not found: {path}")
+    import importlib
+
+    try:  # the runtime ships in this distribution, but is not part of the typed builder
+        model = importlib.import_module("qwen_ft_runtime.model")
+        errors = importlib.import_module("qwen_ft_runtime.errors")
+    except ImportError:  # not installed on this host: each run checks
+        return
+    try:
+        model.checkpoint_model_type(path)
+    except errors.UsageError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def host_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def json_safe(value: Any) -> Any:
+    # JSON has no Infinity/NaN; strict parsers (jq, browsers) reject Python's extension.
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def locate(
+    project: Project,
+    name: str,
+    cell: Cell | None,
+    *,
+    native: bool,
+    docker: str,
+    model: Path | None,
+    run_id: str,
+) -> tuple[Subject, Executor]:
+    """What to compare (a matrix image, any image built by this tool, or --native) and how to run it."""
+    if native:
+        if cell is None:
+            raise ConfigError(
+                f"'{name}' is no target, alias or image id in {project.matrix}; "
+                "--native takes one of those (an image reference needs Docker)"
+            )
+        if host_version("torch") is None or importlib.util.find_spec("transformers") is None:
+            raise ConfigError(
+                "--native needs torch, transformers and peft here: pip install 'qwen-ft-images[smoke]'"
+            )
+        return native_subject(cell), NativeExecutor(runtime_dir=project.runtime)
+    from builder.engine import CommandLog, DockerEngine
+
+    engine = DockerEngine(docker, CommandLog(project.logs / "commands.sh"))
+    ref = cell.plan.tags[0] if cell is not None else name
+    labels = engine.image_labels(ref)
+    if labels is None:
+        if cell is not None:
+            raise ConfigError(f"image {ref} not built; run qwen-ft-images build {cell.id}")
+        raise ConfigError(
+            f"'{name}' is neither a target, alias or image id in {project.matrix} nor a local image"
+        )
+    subject = subject_from_labels(ref, labels, name=cell.id if cell is not None else None)
+    executor = DockerExecutor(
+        engine,
+        ref,
+        gpus=False,
+        model=model,
+        labels={contract.COMPARE_PROJECT: str(project.root), contract.COMPARE_RUN: run_id},
+    )
+    return subject, executor
+
+
+def run_all(
+    combos: Sequence[Combination],
+    executor: Executor,
+    options: Options,
+    hw: Hardware,
+    log_dir: Path,
+    root: Path,
+    say: Callable[[str], None],
+) -> list[CombinationResult]:
+    """One run per combination (skipped ones are recorded as such), each with its own log."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    results: list[CombinationResult] = []
+    for combo in combos:
+        if combo.skip is not None:
+            results.append(skipped(combo))
+            continue
+        model_arg = executor.model_arg(options.model) if options.model is not None else None
+        args = runtime_args(combo, options, hw, model_arg)
+        say(f"  [{len(results) + 1}/{len(combos)}] {combo.label} ({combo.attn}) ...")
+        run = executor.run(args, hw.env, options.timeout)
+        log = log_dir / f"{combo.dtype}-{combo.method}.log"
+        log.write_text(
+            f"$ {' '.join(contract.runtime_argv(*args))}\n# exit {run.exit_code}, {run.seconds:.1f} s\n"
+            f"{run.stderr}\n# stdout\n{run.stdout}",
+            encoding="utf-8",
+        )
+        result = interpret(combo, run, options.model)
+        result.log = str(log.relative_to(root))
+        results.append(result)
+        shown = (
+            f"ok, loss {result.losses[0]:.4f} → {result.losses[-1]:.4f}"
+            if result.status == "ok"
+            else f"{result.status}: {result.reason}"
+        )
+        say(f"      {shown} ({run.seconds:.1f} s)")
+    return results
+
+
+def write_outputs(project: Project, data: dict[str, Any], name: str) -> list[Path]:
+    """build/reports/compare-<name>.json, .md and (with matplotlib) .png."""
+    from builder import chart
+
+    reports = project.reports
+    reports.mkdir(parents=True, exist_ok=True)
+    stem = f"compare-{name}"
+    png = reports / f"{stem}.png"
+    drawn = None
+    if chart.available():
+        drawn = chart.plot(data, png)
+    else:
+        png.unlink(missing_ok=True)  # a stale chart must not sit beside a new report
+    data["chart"] = str(png.relative_to(project.root)) if drawn else None
+    json_path = reports / f"{stem}.json"
+    json_path.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    md_path = reports / f"{stem}.md"
+    md_path.write_text(render_markdown(data, png.name if drawn else None), encoding="utf-8")
+    return [json_path, md_path, *([png] if drawn else [])]
+
+
+def raise_for_failures(name: str, results: Sequence[CombinationResult], runnable: int, report: str) -> None:
+    failed = [r for r in results if r.status == "failed"]
+    if failed:
+        raise SmokeFailed(
+            f"compare {name}: {len(failed)} of {runnable} runs failed: "
+            + "; ".join(f"{r.label}: {r.reason}" for r in failed)
+            + f" (report {report})"
+        )

@@ -18,15 +18,14 @@ import re
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
 from packaging.version import Version
 
-from builder.config import CellSpec, MatrixConfig, TargetConfig
+from builder import contract, resolve
+from builder.config import MatrixConfig, TargetConfig
+from builder.contract import qualify
 from builder.errors import ConfigError, KnowledgeError
 from builder.hostprobe import (
     GpuInfo,
@@ -37,14 +36,10 @@ from builder.hostprobe import (
     probe_host,
 )
 from builder.knowledge import Knowledge
-from builder.resolve import Cell, Resolution, check_and_plan, finish, preference
+from builder.knowledge.signatures import Signature, load_signatures
+from builder.resolve import Cell, Resolution, Space, finish
 
-SMOKE = "qwen-ft-runtime smoke"
-
-
-def qualify(ref: str, registry: str) -> str:
-    """Prefix matrix.yaml's registry (kept local: doctor must not import the build engine)."""
-    return f"{registry.strip().rstrip('/')}/{ref}" if registry.strip() else ref
+SMOKE = " ".join(contract.runtime_argv("smoke"))
 
 
 # ----------------------------------------------------------------------------- input parsing
@@ -186,7 +181,7 @@ def target_for_sm(config: MatrixConfig, sm: int, name: str = "") -> tuple[Target
     if exact:
         named = [t for t in exact if any(_name_matches(p, name) for p in t.gpus)]
         return (named or exact)[0], f"sm_{sm} = target {(named or exact)[0].name}"
-    compatible = [t for t in gpu_targets if t.sm is not None and t.sm // 10 == sm // 10 and t.sm < sm]
+    compatible = [t for t in gpu_targets if t.sm is not None and t.sm != sm and contract.runs_on(t.sm, sm)]
     if compatible:
         best = max(compatible, key=lambda t: t.sm or 0)
         return best, (
@@ -210,19 +205,17 @@ def _on_gpu(kb: Knowledge, config: MatrixConfig, target: TargetConfig, cell: Cel
     if cell.sm == sm:
         return cell
     try:
-        again = check_and_plan(kb, replace(target, sm=sm), cell.spec, dtype=cell.dtype, origin="doctor")
+        again = resolve.check(kb, replace(target, sm=sm), cell.spec, dtype=cell.dtype, origin="doctor")
     except KnowledgeError:
         return None
-    return again if again.valid else None
+    return again if isinstance(again, Cell) else None
 
 
 def min_driver(cell: Cell) -> tuple[str | None, str]:
-    assert cell.plan is not None
     return cell.plan.min_driver, cell.plan.min_driver_reason
 
 
 def _choice(kb: Knowledge, config: MatrixConfig, cell: Cell, on_gpu: Cell, built: bool) -> Choice:
-    assert cell.plan is not None
     need, why = min_driver(on_gpu)
     return Choice(
         cell=cell,
@@ -233,19 +226,15 @@ def _choice(kb: Knowledge, config: MatrixConfig, cell: Cell, on_gpu: Cell, built
     )
 
 
-def _search_space(kb: Knowledge, target: TargetConfig) -> list[tuple[Sequence[str], ...]]:
+def _search_space(kb: Knowledge, target: TargetConfig) -> list[Space]:
     """Tier 0: the target's own torch/python/flash-attn axes; tier 1: everything known.
 
     CUDA always ranges over every known variant, since the CUDA variant is what sets the
     driver floor (e.g. a cu126 or cu118 cell for an older driver).
     """
-    cuda = sorted(kb.cuda, key=Version)
-    ubuntu_pythons = sorted({d.python for d in kb.distros if d.os == "ubuntu"}, key=Version)
-    fa_all = sorted({*target.axes.flash_attn, *kb.flash_attn, "none"})
-    return [
-        (cuda, target.axes.torch, target.axes.python, target.axes.flash_attn),
-        (cuda, sorted(kb.torch, key=Version), sorted({*target.axes.python, *ubuntu_pythons}), fa_all),
-    ]
+    known = resolve.known_space(kb, target)
+    own = Space(known.cuda, target.axes.torch, target.axes.python, target.axes.flash_attn)
+    return [own, known]
 
 
 def find_fallback(
@@ -258,52 +247,35 @@ def find_fallback(
 ) -> tuple[Choice | None, str | None]:
     """The best cell for `target` that runs on sm_`sm` with `driver`, and the lowest driver any needs.
 
-    Built images of the target come first; otherwise `check_and_plan` searches the
-    cells around the target's axes, best by the resolver's own preference order.
+    Built images of the target come first; otherwise the resolver's search looks through
+    the cells around the target's axes, with "this driver is new enough" as its predicate.
     """
-    gpu_target = replace(target, sm=sm, recommended=None)
+    lowest: list[Version] = []
+
+    def fits(cell: Cell) -> bool:
+        need, _ = min_driver(cell)
+        if need:
+            lowest.append(Version(need))
+        return bool(_driver_fits(driver, need))
+
     built = [c for c in resolution_cells if c.spec.target == target.name]
-    fitting: list[tuple[Cell, Cell]] = []
-    lowest: Version | None = None
-    for cell in built:
-        on_gpu = _on_gpu(kb, config, target, cell, sm)
-        if on_gpu is not None and on_gpu.plan is not None:
-            need, _ = min_driver(on_gpu)
-            if need and (lowest is None or Version(need) < lowest):
-                lowest = Version(need)
-            if _driver_fits(driver, need):
-                fitting.append((cell, on_gpu))
-    if fitting:
-        cell, on_gpu = max(fitting, key=lambda p: preference(kb, p[0]))
-        return _choice(kb, config, cell, on_gpu, built=True), None
-    built_keys = {c.spec.key(): c for c in built}
-    for tier in _search_space(kb, target):
-        found: list[Cell] = []
-        for cuda in tier[0]:
-            for torch in tier[1]:
-                for python in tier[2]:
-                    for fa in tier[3]:
-                        spec = CellSpec(
-                            target=target.name, cuda=cuda, torch=torch, python=python, flash_attn=fa
-                        )
-                        cell = check_and_plan(kb, gpu_target, spec, dtype=None, origin="doctor")
-                        if not cell.valid or cell.plan is None:
-                            continue
-                        need, _ = min_driver(cell)
-                        if need and (lowest is None or Version(need) < lowest):
-                            lowest = Version(need)
-                        if _driver_fits(driver, need):
-                            found.append(cell)
-        if found:
-            best = max(found, key=lambda c: preference(kb, c))
-            if best.spec.key() in built_keys:  # pragma: no cover - built cells were checked above
-                same = built_keys[best.spec.key()]
-                return _choice(kb, config, same, best, built=True), None
+    on_gpu = {c.spec.key(): g for c in built if (g := _on_gpu(kb, config, target, c, sm)) is not None}
+    pick = resolve.best(
+        kb, [c for c in built if c.spec.key() in on_gpu], lambda c: fits(on_gpu[c.spec.key()])
+    )
+    if pick is not None:
+        return _choice(kb, config, pick, on_gpu[pick.spec.key()], built=True), None
+    gpu_target = replace(target, sm=sm, recommended=None)
+    for space in _search_space(kb, target):
+        found = resolve.search(kb, gpu_target, space.specs(target.name), accept=fits, origin="doctor")
+        if found is not None:
             # Tags and labels for the target's real SM, as `explain` would print them.
-            planned = check_and_plan(kb, target, best.spec, dtype=None, origin="doctor")
-            shown = finish(planned if planned.valid else best, image=config.image, recommended=False)
-            return _choice(kb, config, shown, best, built=False), None
-    return None, str(lowest) if lowest is not None else None
+            planned = resolve.check(kb, target, found.spec, origin="doctor")
+            shown = finish(
+                planned if isinstance(planned, Cell) else found, image=config.image, recommended=False
+            )
+            return _choice(kb, config, shown, found, built=False), None
+    return None, str(min(lowest)) if lowest else None
 
 
 def advise_gpu(
@@ -430,17 +402,6 @@ def advise(
 
 
 @dataclass(frozen=True)
-class Signature:
-    id: str
-    title: str
-    patterns: tuple[re.Pattern[str], ...]
-    cause: str
-    fix: str
-    source: str
-    images: Mapping[str, Any]
-
-
-@dataclass(frozen=True)
 class Diagnosis:
     signature: Signature
     line: int  # 1-based
@@ -450,39 +411,8 @@ class Diagnosis:
     notes: tuple[str, ...] = ()
 
 
-_FILTER_KEYS = {"sm_below", "sm_at_least", "attn_implementation", "triton", "dtype", "recommended", "cpu"}
-
-
-@cache
-def load_signatures() -> tuple[Signature, ...]:
-    text = resources.files("builder.knowledge").joinpath("signatures.yaml").read_text(encoding="utf-8")
-    data = yaml.safe_load(text)
-    out = []
-    try:
-        for s in data["signatures"]:
-            images = dict(s.get("images") or {})
-            unknown = set(images) - _FILTER_KEYS
-            if unknown:
-                raise KnowledgeError(f"signatures.yaml {s['id']}: unknown image filter {sorted(unknown)}")
-            out.append(
-                Signature(
-                    id=str(s["id"]),
-                    title=str(s["title"]),
-                    patterns=tuple(re.compile(str(p)) for p in s["patterns"]),
-                    cause=" ".join(str(s["cause"]).split()),
-                    fix=" ".join(str(s["fix"]).split()),
-                    source=" ".join(str(s["source"]).split()),
-                    images=images,
-                )
-            )
-    except (KeyError, TypeError, re.error) as exc:
-        raise KnowledgeError(f"builder/knowledge/signatures.yaml is malformed: {exc!r}") from exc
-    return tuple(out)
-
-
 def _matches_filter(cell: Cell, rules: Mapping[str, Any]) -> bool:
     plan = cell.plan
-    assert plan is not None
     sm = cell.sm
     checks: dict[str, Callable[[Any], bool]] = {
         "sm_below": lambda v: sm is not None and sm < int(v),

@@ -109,7 +109,8 @@ class ContainerEngine(Protocol):
 
 
 def docker_executable(configured: str | None) -> str:
-    exe = configured or os.environ.get("QWEN_FT_DOCKER") or "docker"
+    # Resolved by builder.options (--docker > $QWEN_FT_DOCKER > "docker"); None is the default.
+    exe = configured or "docker"
     found = shutil.which(exe)
     if found is None:
         raise EngineError(

@@ -1,6 +1,6 @@
 """Per-image build facts for `ci-matrix` and `bake`, taken from the build engine's own plan.
 
-`builder.build.plan_jobs` decides an image's build args (after base mapping), content
+`builder.jobs.plan_jobs` decides an image's build args (after base mapping), content
 hash and tags; this module only qualifies them with a registry and adds what CI and
 bake need on top (GPU family, runner labels, cache ref), so the CI matrix, the bake
 file and `qwen-ft-images build` cannot disagree about what an image is.
@@ -12,22 +12,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from builder import names
-from builder.build import BuildJob, BuildOptions, plan_jobs, remote
-from builder.errors import RenderCheckError
+from builder.contract import qualify
+from builder.jobs import BuildJob, BuildOptions, check_committed, plan_jobs
 from builder.knowledge import Knowledge
-from builder.render import Project
+from builder.project import Project
 from builder.resolve import Cell, Resolution
 
 # The images are built for x86_64 only: the torch CUDA wheels, flash-attn's prebuilt
 # wheels and the nvidia/cuda tags the knowledge base records are all x86_64.
 BUILD_PLATFORM = "linux/amd64"
 CONTEXT_DIR = "context"  # build/context/, staged by builder.build.stage_context
-
-
-def qualify(ref: str, registry: str | None) -> str:
-    """`qwen-ft:v100-fp16` -> `ghcr.io/acme/qwen-ft:v100-fp16` (unchanged without a registry)."""
-    registry = (registry or "").strip()
-    return remote(ref, registry) if registry else ref
 
 
 def family(kb: Knowledge, cell: Cell) -> str:
@@ -73,48 +67,25 @@ class ImageFacts:
         return f"{repo}:buildcache-{self.id}"
 
 
-def check_committed(project: Project, resolution: Resolution, kb: Knowledge, cells: Sequence[Cell]) -> None:
-    """Refuse when a selected image's committed Dockerfile differs from the render.
-
-    The content hash is taken over the rendered text, while CI builds the committed
-    file: publishing a stale file under that hash tag would make the tag lie.
-    """
-    from builder.render import render_all
-
-    rendered = render_all(project, resolution, kb)
-    stale = []
-    for cell in cells:
-        path = project.dockerfile(cell)
-        if not path.exists():
-            stale.append(f"{path.relative_to(project.root)} (missing)")
-        elif path.read_text(encoding="utf-8") != rendered[path]:
-            stale.append(f"{path.relative_to(project.root)} (differs)")
-    if stale:
-        raise RenderCheckError(
-            f"images/ is out of date: {', '.join(stale)}; run `qwen-ft-images render` and commit"
-        )
-
-
 def facts(
     project: Project,
     resolution: Resolution,
     kb: Knowledge,
     cells: Sequence[Cell],
     *,
-    registry: str | None = None,
+    registry: str,
     options: BuildOptions | None = None,
 ) -> list[ImageFacts]:
-    """Build facts for `cells` (registry: the argument, else matrix.yaml's `registry`)."""
-    check_committed(project, resolution, kb, cells)
+    """Build facts for `cells`, tags qualified with `registry` (resolved by builder.options; "" = none)."""
+    jobs = plan_jobs(project, resolution, kb, cells, options or BuildOptions())
+    check_committed(project, jobs)
     config = resolution.config
-    reg = config.registry if registry is None else registry
-    if reg:
-        names.check_registry(reg, "--registry", config.image)
+    if registry:
+        names.check_registry(registry, "--registry", config.image)
     out = []
-    for job in plan_jobs(project, resolution, kb, cells, options or BuildOptions()):
+    for job in jobs:
         plan = job.cell.plan
-        assert plan is not None
-        tags = tuple(qualify(t, reg) for t in job.tags)
+        tags = tuple(qualify(t, registry) for t in job.tags)
         out.append(
             ImageFacts(
                 job=job,

@@ -20,10 +20,13 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from builder.errors import ConfigError
 from builder.fsio import write_atomic
+
+if TYPE_CHECKING:
+    from builder.project import Project
 
 PASS, FAIL, NOT_RUN = "pass", "FAIL", "—"
 
@@ -427,3 +430,19 @@ def write_pages(
         for target in (path, folder / f"index{path.suffix}"):
             write_atomic(target, text)
     return md_path, html_path, rows
+
+
+def publish(project: Project, plans: dict[str, dict[str, Any]] | None = None) -> tuple[Path, Path, list[Row]]:
+    """Write build/reports/report-<UTC time>.{md,html} (and index.{md,html}); returns both paths.
+
+    `plans` (cell id -> `explain --json` plan) adds the planned versions; without it the page
+    shows what the JSON reports say. Raises ConfigError when no report exists yet.
+    """
+    reports = project.reports
+    sources = [project.build / "report.json", reports / "smoke.json", reports / "audit.json"]
+    if not any(p.is_file() for p in sources):
+        raise ConfigError(
+            "nothing to report: no build/report.json, build/reports/smoke.json or audit.json; "
+            "run qwen-ft-images build, smoke or audit first"
+        )
+    return write_pages(project.build, plans)

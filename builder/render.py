@@ -2,46 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
 
 from builder.errors import ConfigError, RenderCheckError
 from builder.knowledge import Knowledge
+from builder.project import Project
 from builder.resolve import Cell, Resolution
-
-IMAGES_README = "README.md"
-
-
-@dataclass(frozen=True)
-class Project:
-    """Where a project's inputs and outputs live; everything is relative to matrix.yaml."""
-
-    root: Path
-
-    @property
-    def matrix(self) -> Path:
-        return self.root / "matrix.yaml"
-
-    @property
-    def templates(self) -> Path:
-        return self.root / "templates"
-
-    @property
-    def images(self) -> Path:
-        return self.root / "images"
-
-    @property
-    def runtime(self) -> Path:
-        return self.root / "runtime"
-
-    @property
-    def build(self) -> Path:
-        return self.root / "build"
-
-    def dockerfile(self, cell: Cell) -> Path:
-        return self.images / cell.id / "Dockerfile"
 
 
 def _dq(value: object) -> str:
@@ -64,7 +32,6 @@ def environment(templates: Path) -> jinja2.Environment:
 
 
 def apt_packages(cell: Cell) -> list[str]:
-    assert cell.plan is not None
     packages = ["ca-certificates", "python3", "python3-venv"]
     if cell.plan.triton == "keep":
         packages += ["gcc", "libc6-dev", "python3-dev"]
@@ -81,7 +48,6 @@ def _render(env: jinja2.Environment, name: str, **context: object) -> str:
 
 
 def dockerfile(env: jinja2.Environment, kb: Knowledge, cell: Cell, image: str) -> str:
-    assert cell.plan is not None, "only valid cells render"
     return _render(
         env,
         "Dockerfile.j2",
@@ -98,8 +64,8 @@ def render_all(project: Project, resolution: Resolution, kb: Knowledge) -> dict[
     """Every file under images/ that the matrix implies, keyed by path."""
     env = environment(project.templates)
     image = resolution.config.image
-    files = {project.dockerfile(c): dockerfile(env, kb, c, image) for c in resolution.cells}
-    files[project.images / IMAGES_README] = _render(
+    files = {project.dockerfile(c.id): dockerfile(env, kb, c, image) for c in resolution.cells}
+    files[project.images_readme] = _render(
         env,
         "images-README.md.j2",
         cells=resolution.cells,

@@ -1,10 +1,11 @@
 """Resolve matrix cells against the knowledge base: pure functions, no I/O.
 
-`check_cell` runs every rule on one cell and returns the reasons it is invalid
-(each with the rule name, a message saying what to do, and the fact's source).
-`plan_cell` turns a valid cell into the build plan the templates render.
-`resolve` expands targets x axes, applies include/exclude, and picks each
-target's recommended cell by a documented preference order.
+Each rule is a small function `(kb, query) -> reasons`; `check` runs them in stages and
+returns a `Cell` with its build plan, or a `Rejected` with every reason (each names its
+rule, says what to do, and cites the fact's source). `search` finds the best valid cell
+among candidates by the documented preference order; `resolve` expands targets x axes,
+applies include/exclude and picks each target's recommended cell with it, and `doctor`
+and `explain` use the same search with their own predicates.
 """
 
 from __future__ import annotations
@@ -12,17 +13,16 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from typing import ClassVar
 
 from packaging.version import Version
 
-from builder import names
+from builder import contract, names
 from builder.config import CellSpec, MatrixConfig, TargetConfig
 from builder.errors import ConfigError
 from builder.knowledge import Distro, FlashAttnRelease, Knowledge, TorchRelease
-
-LABEL_PREFIX = "io.qwen-ft"
 
 
 @dataclass(frozen=True)
@@ -66,21 +66,18 @@ class Plan:
     min_driver: str | None
     min_driver_reason: str
     stack: Mapping[str, str]
+    env: Mapping[str, str]  # the image's ENV: the runtime's plan names (builder.contract), then extras
     tags: tuple[str, ...]
     labels: Mapping[str, str]
 
 
 @dataclass(frozen=True)
-class Cell:
+class _Verdict:
     spec: CellSpec
     sm: int | None
     dtype: str
-    valid: bool
-    reasons: tuple[Reason, ...]
-    plan: Plan | None
-    origin: str  # axes | include | pin | explain
-    recommended: bool = False
-    notes: tuple[Reason, ...] = field(default=())
+    origin: str  # axes | include | pin | explain | candidate | doctor | search
+    notes: tuple[Reason, ...] = field(default=(), kw_only=True)
 
     @property
     def alias(self) -> str:
@@ -93,10 +90,54 @@ class Cell:
         fa = "" if s.flash_attn == "none" else f"-fa{s.flash_attn}"
         return f"{s.target}-{self.dtype}{cuda}-torch{s.torch}-py{s.python}{fa}"
 
+
+@dataclass(frozen=True)
+class Cell(_Verdict):
+    """A valid cell: it always has a plan."""
+
+    plan: Plan = field(kw_only=True)
+    recommended: bool = field(default=False, kw_only=True)
+    valid: ClassVar[bool] = True
+    reasons: ClassVar[tuple[Reason, ...]] = ()
+
     @property
     def id(self) -> str:
         """Stable, readable id; also the folder name under images/."""
         return self.alias if self.recommended else self.pinned
+
+
+@dataclass(frozen=True)
+class Rejected(_Verdict):
+    """An invalid cell, with every reason it is invalid."""
+
+    reasons: tuple[Reason, ...] = field(kw_only=True)
+    valid: ClassVar[bool] = False
+    recommended: ClassVar[bool] = False
+    plan: ClassVar[None] = None
+
+    @property
+    def id(self) -> str:
+        return self.pinned
+
+
+Verdict = Cell | Rejected
+
+
+@dataclass(frozen=True)
+class Query:
+    """One cell to check: the target, its axis values, and the dtype asked for (resolved)."""
+
+    target: TargetConfig
+    spec: CellSpec
+    dtype: str
+
+    @property
+    def sm(self) -> int | None:
+        return self.target.sm
+
+    @property
+    def variant(self) -> str:
+        return "cpu" if self.target.is_cpu else self.spec.cuda
 
 
 # ----------------------------------------------------------------------------- rules
@@ -110,11 +151,235 @@ def default_dtype(kb: Knowledge, sm: int | None) -> str:
 
 def _covered(sm: int, sass: Iterable[int], ptx: Iterable[int]) -> str | None:
     """How a GPU of compute capability `sm` runs the wheel: 'sass', 'ptx' or None."""
-    if any(c // 10 == sm // 10 and c % 10 <= sm % 10 for c in sass):
+    if any(contract.runs_on(c, sm) for c in sass):
         return "sass"
     if any(p <= sm for p in ptx):
         return "ptx"
     return None
+
+
+def _coverage(kb: Knowledge, q: Query) -> str | None:
+    arch_list = kb.arch_list(q.spec.torch, q.variant)
+    if q.sm is None or arch_list is None:
+        return None
+    return _covered(q.sm, arch_list.sm, arch_list.ptx)
+
+
+def rule_torch_known(kb: Knowledge, q: Query) -> list[Reason]:
+    if q.spec.torch in kb.torch:
+        return []
+    return [
+        Reason(
+            "torch-unknown",
+            f"torch {q.spec.torch} is not in the knowledge base (known: {', '.join(kb.torch)}); "
+            "add it to builder/knowledge/torch.yaml with its sources",
+            "builder/knowledge/torch.yaml",
+        )
+    ]
+
+
+def rule_torch_python(kb: Knowledge, q: Query) -> list[Reason]:
+    release = kb.torch[q.spec.torch]
+    if q.spec.python in release.python:
+        return []
+    return [
+        Reason(
+            "torch-python",
+            f"torch {q.spec.torch} publishes wheels for Python {', '.join(release.python)}, "
+            f"not {q.spec.python}",
+            release.source,
+        )
+    ]
+
+
+def rule_cuda_kind(kb: Knowledge, q: Query) -> list[Reason]:
+    if q.target.is_cpu and q.spec.cuda != "none":
+        return [Reason("cpu-cuda", "the cpu target takes cuda: none", "matrix.yaml")]
+    if not q.target.is_cpu and q.spec.cuda == "none":
+        return [Reason("gpu-no-cuda", f"{q.target.name} is a GPU target; pick a CUDA variant", "matrix.yaml")]
+    return []
+
+
+def rule_torch_variant(kb: Knowledge, q: Query) -> list[Reason]:
+    release = kb.torch[q.spec.torch]
+    if q.variant in release.variants:
+        return []
+    return [
+        Reason(
+            "torch-variant",
+            f"torch {q.spec.torch} has no {_variant_name(q.variant)} wheels "
+            f"(published: {', '.join(_variant_name(v) for v in release.variants)})",
+            release.source,
+        )
+    ]
+
+
+def rule_cuda_known(kb: Knowledge, q: Query) -> list[Reason]:
+    if q.target.is_cpu or q.spec.cuda in kb.cuda:
+        return []
+    return [
+        Reason(
+            "cuda-unknown",
+            f"CUDA {q.spec.cuda} is not in builder/knowledge/cuda.yaml (known: {', '.join(kb.cuda)})",
+            "builder/knowledge/cuda.yaml",
+        )
+    ]
+
+
+def rule_cuda_drops_sm(kb: Knowledge, q: Query) -> list[Reason]:
+    if q.sm is None or q.sm not in kb.cuda[q.spec.cuda].no_sm:
+        return []
+    return [
+        Reason(
+            "cuda-drops-sm",
+            f"CUDA {q.spec.cuda} cannot target sm_{q.sm} ({q.target.name}); use a CUDA 12.x variant",
+            kb.cuda[q.spec.cuda].source,
+        )
+    ]
+
+
+def rule_torch_arch(kb: Knowledge, q: Query) -> list[Reason]:
+    if q.sm is None or q.variant not in kb.torch[q.spec.torch].variants:
+        return []
+    arch_list = kb.arch_list(q.spec.torch, q.variant)
+    name = _variant_name(q.variant)
+    if arch_list is None:
+        return [
+            Reason(
+                "torch-arch-unknown",
+                f"no compiled arch list is recorded for torch {q.spec.torch} {name}",
+                "builder/knowledge/torch.yaml arch_lists",
+            )
+        ]
+    if _covered(q.sm, arch_list.sm, arch_list.ptx) is not None:
+        return []
+    have = ", ".join(f"sm_{s}" for s in arch_list.sm)
+    return [
+        Reason(
+            "torch-arch",
+            f"torch {q.spec.torch} {name} wheels carry {have} but not "
+            f"sm_{q.sm} ({q.target.name}): 'no kernel image is available'. "
+            "Use a variant that lists it (cu126 keeps sm_70 on every release so far)",
+            arch_list.source,
+        )
+    ]
+
+
+def rule_dtype(kb: Knowledge, q: Query) -> list[Reason]:
+    if q.sm is None:
+        if q.dtype == "fp32":
+            return []
+        why = f"the cpu image trains in fp32, not {q.dtype}"
+        return [Reason("cpu-dtype", why, "runtime precision policy")]
+    arch = kb.arch(q.sm)
+    if q.dtype != "bf16" or arch.bf16:
+        return []
+    return [
+        Reason(
+            "bf16-sm",
+            f"{q.target.name} (sm_{q.sm}, {arch.family}) has no native bf16; use dtype fp16 "
+            "(torch.cuda.is_bf16_supported() says True there, but bf16 kernels fail)",
+            arch.source,
+        )
+    ]
+
+
+def rule_base_os(kb: Knowledge, q: Query) -> list[Reason]:
+    _, problem = _distro_for(kb, q.target, q.spec)
+    return [problem] if problem else []
+
+
+def rule_triton(kb: Knowledge, q: Query) -> list[Reason]:
+    problem = _triton_decision(kb, q.target, q.spec, kb.torch[q.spec.torch])[3]
+    return [problem] if problem else []
+
+
+def rule_flash_attn(kb: Knowledge, q: Query) -> list[Reason]:
+    if q.spec.flash_attn == "none":
+        return []
+    fa = kb.flash_attn.get(q.spec.flash_attn)
+    if fa is None:
+        return [
+            Reason(
+                "flash-attn-unknown",
+                f"flash-attn {q.spec.flash_attn} is not in the knowledge base "
+                f"(known: {', '.join(kb.flash_attn)}); add it to builder/knowledge/flash_attn.yaml",
+                "builder/knowledge/flash_attn.yaml",
+            )
+        ]
+    triton, triton_version, _, _ = _triton_decision(kb, q.target, q.spec, kb.torch[q.spec.torch])
+    return _fa_rules(kb, q.target, q.spec, fa, triton, triton_version)
+
+
+def rule_stack(kb: Knowledge, q: Query) -> list[Reason]:
+    return [
+        Reason(
+            "stack",
+            f"no {package} release in builder/knowledge/stack.yaml supports Python "
+            f"{q.spec.python} with torch {q.spec.torch}",
+            "builder/knowledge/stack.yaml",
+        )
+        for package in kb.stack
+        if kb.stack_pin(package, q.spec.python, q.spec.torch) is None
+    ]
+
+
+def note_arch_conflict(kb: Knowledge, q: Query) -> list[Reason]:
+    if q.sm is None:
+        return []
+    arch_list = kb.arch_list(q.spec.torch, q.variant)
+    if arch_list is None or not arch_list.conflict:
+        return []
+    return [Reason("torch-arch-conflict", arch_list.conflict, arch_list.source)]
+
+
+def note_fa_without_triton(kb: Knowledge, q: Query) -> list[Reason]:
+    fa = kb.flash_attn.get(q.spec.flash_attn)
+    if fa is None or q.sm is None or q.sm < fa.min_sm:
+        return []
+    if _triton_decision(kb, q.target, q.spec, kb.torch[q.spec.torch])[0] != "remove":
+        return []
+    return [
+        Reason(
+            "flash-attn-without-triton",
+            f"flash-attn's Triton ops ({', '.join(m.module for m in kb.fa_triton_modules)}) "
+            "are unavailable in this image; its CUDA attention kernels still work",
+            kb.fa_triton_modules[0].source,
+        )
+    ]
+
+
+Rule = Callable[[Knowledge, Query], list[Reason]]
+
+# Stages run in order; a stage whose reasons include a gate rule ends the check, since
+# later rules read facts (the torch release, the CUDA release) that do not exist then.
+STAGES: tuple[tuple[Rule, ...], ...] = (
+    (rule_torch_known,),
+    (rule_torch_python, rule_cuda_kind),
+    (rule_torch_variant, rule_cuda_known),
+    (
+        rule_cuda_drops_sm,
+        rule_torch_arch,
+        rule_dtype,
+        rule_base_os,
+        rule_triton,
+        rule_flash_attn,
+        rule_stack,
+    ),
+)
+GATES = frozenset({"torch-unknown", "gpu-no-cuda", "cuda-unknown"})
+NOTES: tuple[Rule, ...] = (note_arch_conflict, note_fa_without_triton)
+
+
+def reasons(kb: Knowledge, q: Query) -> list[Reason]:
+    """Every reason the cell is invalid (empty when valid), stage by stage."""
+    found: list[Reason] = []
+    for stage in STAGES:
+        for rule in stage:
+            found.extend(rule(kb, q))
+        if any(r.rule in GATES for r in found):
+            break
+    return found
 
 
 def _distro_for(kb: Knowledge, target: TargetConfig, spec: CellSpec) -> tuple[Distro | None, Reason | None]:
@@ -306,217 +571,78 @@ def _cuda_image(kb: Knowledge, cuda: str, flavour: str, distro: Distro) -> str:
     return f"{kb.cuda_image_repo}:{tag}"
 
 
-def check_and_plan(
-    kb: Knowledge, target: TargetConfig, spec: CellSpec, *, dtype: str | None, origin: str
-) -> Cell:
-    """Run every rule on one cell; return it valid with a plan, or invalid with all reasons."""
-    reasons: list[Reason] = []
-    sm = target.sm
-    want_dtype = dtype or (target.dtype if target.dtype != "auto" else default_dtype(kb, sm))
+def check(
+    kb: Knowledge, target: TargetConfig, spec: CellSpec, *, dtype: str | None = None, origin: str
+) -> Verdict:
+    """Run every rule on one cell; return it with its plan, or rejected with all its reasons."""
+    want = dtype or (target.dtype if target.dtype != "auto" else default_dtype(kb, target.sm))
+    q = Query(target, spec, want)
+    found = reasons(kb, q)
+    if found:
+        return Rejected(spec, target.sm, want, origin, reasons=tuple(found))
+    plan, problem = _plan(kb, q)
+    if problem is not None or plan is None:
+        return Rejected(spec, target.sm, want, origin, reasons=(problem,) if problem else ())
+    notes = tuple(n for note in NOTES for n in note(kb, q))
+    return Cell(spec, target.sm, want, origin, notes=notes, plan=plan)
 
-    release = kb.torch.get(spec.torch)
-    if release is None:
-        known = ", ".join(kb.torch)
-        return _invalid(
-            spec,
-            sm,
-            want_dtype,
-            origin,
-            Reason(
-                "torch-unknown",
-                f"torch {spec.torch} is not in the knowledge base (known: {known}); "
-                "add it to builder/knowledge/torch.yaml with its sources",
-                "builder/knowledge/torch.yaml",
-            ),
-        )
-    if spec.python not in release.python:
-        reasons.append(
-            Reason(
-                "torch-python",
-                f"torch {spec.torch} publishes wheels for Python {', '.join(release.python)}, "
-                f"not {spec.python}",
-                release.source,
-            )
-        )
-    variant = "cpu" if target.is_cpu else spec.cuda
-    if target.is_cpu and spec.cuda != "none":
-        reasons.append(Reason("cpu-cuda", "the cpu target takes cuda: none", "matrix.yaml"))
-    if not target.is_cpu and spec.cuda == "none":
-        reasons.append(
-            Reason("gpu-no-cuda", f"{target.name} is a GPU target; pick a CUDA variant", "matrix.yaml")
-        )
-        return _invalid(spec, sm, want_dtype, origin, *reasons)
-    if variant not in release.variants:
-        reasons.append(
-            Reason(
-                "torch-variant",
-                f"torch {spec.torch} has no {_variant_name(variant)} wheels "
-                f"(published: {', '.join(_variant_name(v) for v in release.variants)})",
-                release.source,
-            )
-        )
-    cuda = kb.cuda.get(spec.cuda) if not target.is_cpu else None
-    if not target.is_cpu and cuda is None:
-        reasons.append(
-            Reason(
-                "cuda-unknown",
-                f"CUDA {spec.cuda} is not in builder/knowledge/cuda.yaml (known: {', '.join(kb.cuda)})",
-                "builder/knowledge/cuda.yaml",
-            )
-        )
-        return _invalid(spec, sm, want_dtype, origin, *reasons)
-    notes: list[Reason] = []
-    coverage = None
-    if sm is not None and cuda is not None:
-        if sm in cuda.no_sm:
-            reasons.append(
-                Reason(
-                    "cuda-drops-sm",
-                    f"CUDA {spec.cuda} cannot target sm_{sm} ({target.name}); use a CUDA 12.x variant",
-                    cuda.source,
-                )
-            )
-        if variant in release.variants:
-            arch_list = kb.arch_list(spec.torch, variant)
-            if arch_list is None:
-                reasons.append(
-                    Reason(
-                        "torch-arch-unknown",
-                        f"no compiled arch list is recorded for torch {spec.torch} {_variant_name(variant)}",
-                        "builder/knowledge/torch.yaml arch_lists",
-                    )
-                )
-            else:
-                coverage = _covered(sm, arch_list.sm, arch_list.ptx)
-                if coverage is None:
-                    have = ", ".join(f"sm_{s}" for s in arch_list.sm)
-                    reasons.append(
-                        Reason(
-                            "torch-arch",
-                            f"torch {spec.torch} {_variant_name(variant)} wheels carry {have} but not "
-                            f"sm_{sm} ({target.name}): 'no kernel image is available'. "
-                            "Use a variant that lists it (cu126 keeps sm_70 on every release so far)",
-                            arch_list.source,
-                        )
-                    )
-                if arch_list.conflict:
-                    notes.append(Reason("torch-arch-conflict", arch_list.conflict, arch_list.source))
-    if sm is not None and want_dtype == "bf16" and not kb.arch(sm).bf16:
-        arch = kb.arch(sm)
-        reasons.append(
-            Reason(
-                "bf16-sm",
-                f"{target.name} (sm_{sm}, {arch.family}) has no native bf16; use dtype fp16 "
-                "(torch.cuda.is_bf16_supported() says True there, but bf16 kernels fail)",
-                arch.source,
-            )
-        )
-    if sm is None and want_dtype != "fp32":
-        reasons.append(
-            Reason("cpu-dtype", f"the cpu image trains in fp32, not {want_dtype}", "runtime precision policy")
-        )
 
-    distro, problem = _distro_for(kb, target, spec)
-    if problem:
-        reasons.append(problem)
-
-    triton, triton_version, triton_why, triton_problem = _triton_decision(kb, target, spec, release)
-    if triton_problem:
-        reasons.append(triton_problem)
-
-    fa = None
-    if spec.flash_attn != "none":
-        fa = kb.flash_attn.get(spec.flash_attn)
-        if fa is None:
-            reasons.append(
-                Reason(
-                    "flash-attn-unknown",
-                    f"flash-attn {spec.flash_attn} is not in the knowledge base "
-                    f"(known: {', '.join(kb.flash_attn)}); add it to builder/knowledge/flash_attn.yaml",
-                    "builder/knowledge/flash_attn.yaml",
-                )
-            )
-        else:
-            reasons.extend(_fa_rules(kb, target, spec, fa, triton, triton_version))
-            if triton == "remove" and sm is not None and sm >= fa.min_sm:
-                notes.append(
-                    Reason(
-                        "flash-attn-without-triton",
-                        f"flash-attn's Triton ops ({', '.join(m.module for m in kb.fa_triton_modules)}) "
-                        "are unavailable in this image; its CUDA attention kernels still work",
-                        kb.fa_triton_modules[0].source,
-                    )
-                )
-
-    stack: dict[str, str] = {}
-    for package in kb.stack:
-        pin = kb.stack_pin(package, spec.python, spec.torch)
-        if pin is None:
-            reasons.append(
-                Reason(
-                    "stack",
-                    f"no {package} release in builder/knowledge/stack.yaml supports Python "
-                    f"{spec.python} with torch {spec.torch}",
-                    "builder/knowledge/stack.yaml",
-                )
-            )
-        else:
-            stack[package] = pin.version
-
-    if reasons:
-        return _invalid(spec, sm, want_dtype, origin, *reasons)
-    assert distro is not None
-
+def _plan(kb: Knowledge, q: Query) -> tuple[Plan | None, Reason | None]:
+    """The build plan of a cell that passed every rule (a few facts still refuse it here)."""
+    target, spec, sm = q.target, q.spec, q.sm
+    release = kb.torch[spec.torch]
+    distro, _ = _distro_for(kb, target, spec)
+    assert distro is not None  # rule_base_os passed
     fa_plan = FlashAttnPlan("none", None, None, None, None)
+    fa = kb.flash_attn.get(spec.flash_attn)
     if fa is not None:
         planned, problem = _fa_plan(kb, target, spec, fa, release, distro)
         if problem or planned is None:
-            return _invalid(spec, sm, want_dtype, origin, *([problem] if problem else []))
+            return None, problem
         fa_plan = planned
-
     if target.is_cpu:
         base_image = distro.image or f"debian:{distro.codename}-slim"
         os_name = f"debian{distro.version}"
         min_driver, driver_why = None, "CPU image: no driver needed"
         arch_list_str = ""
     else:
-        assert cuda is not None and sm is not None
+        assert sm is not None
+        cuda = kb.cuda[spec.cuda]
         if cuda.latest_patch is None:
-            return _invalid(
-                spec,
-                sm,
-                want_dtype,
-                origin,
-                Reason(
-                    "cuda-image", f"no nvidia/cuda image tag is recorded for CUDA {spec.cuda}", cuda.source
-                ),
+            return None, Reason(
+                "cuda-image", f"no nvidia/cuda image tag is recorded for CUDA {spec.cuda}", cuda.source
             )
         base_image = _cuda_image(kb, spec.cuda, "base", distro)
         os_name = f"ubuntu{distro.version}"
-        min_driver, driver_why = _min_driver(kb, spec.cuda, sm, coverage)
+        min_driver, driver_why = _min_driver(kb, spec.cuda, sm, _coverage(kb, q))
         arch_list_str = f"{sm // 10}.{sm % 10}"
-
-    is_default = variant == release.pypi_default
-    index_url = None if is_default else kb.torch_index_url.format(variant=_variant_name(variant))
-    requirement = f"torch=={spec.torch}" if is_default else f"torch=={spec.torch}+{_variant_name(variant)}"
+    triton, triton_version, triton_why, _ = _triton_decision(kb, target, spec, release)
+    is_default = q.variant == release.pypi_default
+    name = _variant_name(q.variant)
     torch_plan = TorchPlan(
         version=spec.torch,
         cuda=None if target.is_cpu else spec.cuda,
-        index_url=index_url,
-        requirement=requirement,
-        cxx11_abi=release.abi(variant),
+        index_url=None if is_default else kb.torch_index_url.format(variant=name),
+        requirement=f"torch=={spec.torch}" if is_default else f"torch=={spec.torch}+{name}",
+        cxx11_abi=release.abi(q.variant),
     )
     attn = "flash_attention_2" if fa_plan.strategy != "none" else "sdpa"
-    cell = Cell(
-        spec=spec,
-        sm=sm,
-        dtype=want_dtype,
-        valid=True,
-        reasons=(),
-        plan=None,
-        origin=origin,
-        notes=tuple(notes),
+    env = contract.plan_env(
+        {
+            "target": spec.target,
+            "alias": f"{spec.target}-{q.dtype}",
+            "sm": "none" if sm is None else str(sm),
+            "dtype": q.dtype,
+            "attn": attn,
+            "torch": spec.torch,
+            "cuda": torch_plan.cuda or "none",
+            "flash_attn": fa_plan.version or "none",
+            "triton": triton,
+        }
     )
+    if arch_list_str:
+        env["TORCH_CUDA_ARCH_LIST"] = arch_list_str
+    stack = {p: pin.version for p in kb.stack if (pin := kb.stack_pin(p, spec.python, spec.torch))}
     plan = Plan(
         base_image=base_image,
         os=os_name,
@@ -526,16 +652,17 @@ def check_and_plan(
         triton=triton,
         triton_version=triton_version,
         triton_reason=triton_why,
-        dtype=want_dtype,
+        dtype=q.dtype,
         attn_implementation=attn,
         torch_cuda_arch_list=arch_list_str,
         min_driver=min_driver,
         min_driver_reason=driver_why,
         stack=stack,
+        env=env,
         tags=(),
         labels={},
     )
-    return replace(cell, plan=plan)
+    return plan, None
 
 
 def _min_driver(kb: Knowledge, cuda_version: str, sm: int, coverage: str | None) -> tuple[str, str]:
@@ -561,17 +688,12 @@ def _variant_name(variant: str) -> str:
     return "cpu" if variant == "cpu" else "cu" + variant.replace(".", "")
 
 
-def _invalid(spec: CellSpec, sm: int | None, dtype: str, origin: str, *reasons: Reason) -> Cell:
-    return Cell(spec=spec, sm=sm, dtype=dtype, valid=False, reasons=tuple(reasons), plan=None, origin=origin)
-
-
 # ----------------------------------------------------------------------------- tags & labels
 
 
 def finish(cell: Cell, *, image: str, recommended: bool) -> Cell:
     """Attach tags and OCI labels once we know whether the cell is its target's recommended one."""
     base = cell.plan
-    assert base is not None
     cell = replace(cell, recommended=recommended)
     tags = (cell.alias, cell.pinned) if recommended else (cell.pinned,)
     for tag in tags:
@@ -581,7 +703,6 @@ def finish(cell: Cell, *, image: str, recommended: bool) -> Cell:
 
 
 def labels(cell: Cell, plan: Plan) -> dict[str, str]:
-    p = LABEL_PREFIX
     spec = {
         "target": cell.spec.target,
         "sm": cell.sm,
@@ -602,19 +723,19 @@ def labels(cell: Cell, plan: Plan) -> dict[str, str]:
             f"Qwen fine-tuning image for {cell.spec.target} ({plan.dtype}, {plan.attn_implementation})"
         ),
         "org.opencontainers.image.base.name": plan.base_image,
-        f"{p}.target": cell.spec.target,
-        f"{p}.sm": "none" if cell.sm is None else str(cell.sm),
-        f"{p}.alias": cell.alias,
-        f"{p}.pinned": cell.pinned,
-        f"{p}.dtype": plan.dtype,
-        f"{p}.attn": plan.attn_implementation,
-        f"{p}.torch": plan.torch.version,
-        f"{p}.cuda": cell.spec.cuda,
-        f"{p}.python": plan.python,
-        f"{p}.flash-attn": plan.flash_attn.version or "none",
-        f"{p}.triton": plan.triton,
-        f"{p}.min-driver": plan.min_driver or "none",
-        f"{p}.spec": json.dumps(spec, sort_keys=True, separators=(",", ":")),
+        contract.TARGET: cell.spec.target,
+        contract.SM: "none" if cell.sm is None else str(cell.sm),
+        contract.ALIAS: cell.alias,
+        contract.PINNED: cell.pinned,
+        contract.DTYPE: plan.dtype,
+        contract.ATTN: plan.attn_implementation,
+        contract.TORCH: plan.torch.version,
+        contract.CUDA: cell.spec.cuda,
+        contract.PYTHON: plan.python,
+        contract.FLASH_ATTN: plan.flash_attn.version or "none",
+        contract.TRITON: plan.triton,
+        contract.MIN_DRIVER: plan.min_driver or "none",
+        contract.SPEC: json.dumps(spec, sort_keys=True, separators=(",", ":")),
     }
 
 
@@ -624,8 +745,8 @@ def labels(cell: Cell, plan: Plan) -> dict[str, str]:
 @dataclass(frozen=True)
 class Resolution:
     config: MatrixConfig
-    cells: tuple[Cell, ...]  # valid, recommended first per target, in target order
-    excluded: tuple[Cell, ...]
+    cells: tuple[Cell, ...]  # the images: recommended first per target, in target order
+    excluded: tuple[Verdict, ...]  # invalid cells, and valid candidates that are not images
 
     def recommended(self, target: str) -> Cell:
         return next(c for c in self.cells if c.spec.target == target and c.recommended)
@@ -644,7 +765,6 @@ def _matches(rule: Mapping[str, str], spec: CellSpec) -> bool:
 
 def preference(kb: Knowledge, cell: Cell) -> tuple[object, ...]:
     """Higher is better. The order is the policy documented in README 'How a cell is picked'."""
-    assert cell.plan is not None
     plan = cell.plan
     release = kb.torch[cell.spec.torch]
     strategy_rank = {"wheel": 2, "source": 1, "none": 0}[plan.flash_attn.strategy]
@@ -659,56 +779,120 @@ def preference(kb: Knowledge, cell: Cell) -> tuple[object, ...]:
     )
 
 
-def resolve(config: MatrixConfig, kb: Knowledge) -> Resolution:
-    valid: list[Cell] = []
-    excluded: list[Cell] = []
-    for name, target in config.targets.items():
-        ax = target.axes
-        candidates: list[Cell] = []
-        for cuda, torch, python, fa in itertools.product(ax.cuda, ax.torch, ax.python, ax.flash_attn):
-            spec = CellSpec(target=name, cuda=cuda, torch=torch, python=python, flash_attn=fa)
-            if any(_matches(rule, spec) for rule in config.exclude):
-                continue
-            cell = check_and_plan(kb, target, spec, dtype=None, origin="axes")
-            (candidates if cell.valid else excluded).append(cell)
-        best: Cell | None = None
-        if target.recommended is not None:
-            pin = check_and_plan(kb, target, target.recommended, dtype=None, origin="pin")
-            if not pin.valid:
-                why = "; ".join(r.message for r in pin.reasons)
-                raise ConfigError(f"{config.path}: targets.{name}.recommended is invalid: {why}")
-            best = pin
-            candidates = [c for c in candidates if c.spec.key() != pin.spec.key()]
-        elif candidates:
-            best = max(candidates, key=lambda c: preference(kb, c))
-            candidates = [c for c in candidates if c is not best]
-        if best is None:
-            first = (
-                excluded[-1].reasons[0].message
-                if excluded and excluded[-1].spec.target == name
-                else "no candidates"
-            )
+def best(
+    kb: Knowledge, cells: Iterable[Verdict], accept: Callable[[Cell], bool] = lambda c: True
+) -> Cell | None:
+    """The most preferred valid cell that `accept` takes, or None."""
+    chosen: Cell | None = None
+    for cell in cells:
+        if not isinstance(cell, Cell) or not accept(cell):
+            continue
+        if chosen is None or preference(kb, cell) > preference(kb, chosen):
+            chosen = cell
+    return chosen
+
+
+@dataclass(frozen=True)
+class Space:
+    """Candidate values per axis; a cell is one value of each."""
+
+    cuda: Sequence[str]
+    torch: Sequence[str]
+    python: Sequence[str]
+    flash_attn: Sequence[str]
+
+    def specs(self, target: str) -> Iterator[CellSpec]:
+        for cuda, torch, python, fa in itertools.product(self.cuda, self.torch, self.python, self.flash_attn):
+            yield CellSpec(target=target, cuda=cuda, torch=torch, python=python, flash_attn=fa)
+
+
+def known_space(kb: Knowledge, target: TargetConfig) -> Space:
+    """Every value the knowledge base knows for each axis (the target's own first)."""
+    if target.is_cpu:
+        cuda: Sequence[str] = ["none"]
+        pythons = {d.python for d in kb.distros if d.os == "debian"}
+        fa: Sequence[str] = ["none"]
+    else:
+        cuda = sorted(kb.cuda, key=Version)
+        pythons = {d.python for d in kb.distros if d.os == "ubuntu"}
+        fa = sorted({*target.axes.flash_attn, *kb.flash_attn, "none"})
+    return Space(
+        cuda=cuda,
+        torch=sorted(kb.torch, key=Version),
+        python=sorted({*target.axes.python, *pythons}, key=Version),
+        flash_attn=fa,
+    )
+
+
+def search(
+    kb: Knowledge,
+    target: TargetConfig,
+    specs: Iterable[CellSpec],
+    *,
+    accept: Callable[[Cell], bool] = lambda c: True,
+    dtype: str | None = None,
+    origin: str = "search",
+) -> Cell | None:
+    """The best valid cell among `specs` that `accept` takes: the one search every caller uses
+    (recommended cells, doctor's driver fallback, explain's completion of unspecified axes)."""
+    return best(kb, (check(kb, target, s, dtype=dtype, origin=origin) for s in specs), accept)
+
+
+def resolve_target(config: MatrixConfig, kb: Knowledge, name: str) -> tuple[list[Cell], list[Verdict]]:
+    """One target's images (recommended first) and its excluded cells."""
+    target = config.targets[name]
+    excluded: list[Verdict] = []
+    candidates: list[Cell] = []
+    space = Space(target.axes.cuda, target.axes.torch, target.axes.python, target.axes.flash_attn)
+    for spec in space.specs(name):
+        if any(_matches(rule, spec) for rule in config.exclude):
+            continue
+        cell = check(kb, target, spec, origin="axes")
+        if isinstance(cell, Cell):
+            candidates.append(cell)
+        else:
+            excluded.append(cell)
+    chosen: Cell | None
+    if target.recommended is not None:
+        pin = check(kb, target, target.recommended, origin="pin")
+        if not isinstance(pin, Cell):
+            why = "; ".join(r.message for r in pin.reasons)
+            raise ConfigError(f"{config.path}: targets.{name}.recommended is invalid: {why}")
+        chosen = pin
+    else:
+        chosen = best(kb, candidates)
+    if chosen is None:
+        first = excluded[-1].reasons[0].message if excluded else "no candidates"
+        raise ConfigError(
+            f"{config.path}: targets.{name}: every cell is invalid (e.g. {first}); "
+            f"run `qwen-ft-images matrix --all` to see each reason"
+        )
+    candidates = [c for c in candidates if c.spec.key() != chosen.spec.key()]
+    images = [finish(chosen, image=config.image, recommended=True)]
+    for i, inc in enumerate(config.include):
+        if inc.target != name or inc.key() == chosen.spec.key():
+            continue
+        cell = check(kb, target, inc, origin="include")
+        if not isinstance(cell, Cell):  # an image asked for by name never vanishes silently
+            why = "; ".join(r.message for r in cell.reasons)
             raise ConfigError(
-                f"{config.path}: targets.{name}: every cell is invalid (e.g. {first}); "
-                f"run `qwen-ft-images matrix --all` to see each reason"
+                f"{config.path}: include[{i}] ({cell.id}) is invalid: {why}; "
+                f"fix or remove it (`qwen-ft-images explain {name} ...` shows why)"
             )
-        valid.append(finish(best, image=config.image, recommended=True))
-        for i, inc in enumerate(config.include):
-            if inc.target != name:
-                continue
-            if inc.key() == best.spec.key():
-                continue
-            cell = check_and_plan(kb, target, inc, dtype=None, origin="include")
-            if not cell.valid:  # an image asked for by name never vanishes silently
-                why = "; ".join(r.message for r in cell.reasons)
-                raise ConfigError(
-                    f"{config.path}: include[{i}] ({cell.pinned}) is invalid: {why}; "
-                    f"fix or remove it (`qwen-ft-images explain {name} ...` shows why)"
-                )
-            valid.append(finish(cell, image=config.image, recommended=False))
-        # Other valid axis cells are candidates, not images: they appear in `matrix --all`.
-        excluded.extend(replace(c, origin="candidate") for c in candidates)
-    return Resolution(config=config, cells=tuple(valid), excluded=tuple(excluded))
+        images.append(finish(cell, image=config.image, recommended=False))
+    # Other valid axis cells are candidates, not images: they appear in `matrix --all`.
+    excluded.extend(replace(c, origin="candidate") for c in candidates)
+    return images, excluded
+
+
+def resolve(config: MatrixConfig, kb: Knowledge) -> Resolution:
+    cells: list[Cell] = []
+    excluded: list[Verdict] = []
+    for name in config.targets:
+        images, rest = resolve_target(config, kb, name)
+        cells.extend(images)
+        excluded.extend(rest)
+    return Resolution(config=config, cells=tuple(cells), excluded=tuple(excluded))
 
 
 def explain(
@@ -718,14 +902,17 @@ def explain(
     *,
     overrides: Mapping[str, str | None],
     dtype: str | None,
-) -> Cell:
-    """Verdict and plan for any cell of a target, including ones not in matrix.yaml."""
+) -> Verdict:
+    """Verdict and plan for any cell of a target, including ones not in matrix.yaml.
+
+    Only this target is resolved: its recommended cell supplies the axes not given.
+    """
     target = find_target(config, target_name)
-    base = resolve(config, kb).recommended(target.name).spec
+    base = resolve_target(config, kb, target.name)[0][0].spec
     changes = {k: v for k, v in overrides.items() if v is not None}
     spec = replace(base, **changes)
-    cell = check_and_plan(kb, target, spec, dtype=dtype, origin="explain")
-    if not cell.valid:
+    cell = check(kb, target, spec, dtype=dtype, origin="explain")
+    if not isinstance(cell, Cell):
         return cell
     is_rec = spec == base and (dtype is None or dtype == cell.dtype)
     return finish(cell, image=config.image, recommended=is_rec)
@@ -760,3 +947,18 @@ def select(resolution: Resolution, selectors: Iterable[str]) -> tuple[Cell, ...]
             raise ConfigError(f"selector '{sel}' matches no image; valid: {', '.join(names)}")
         chosen.extend(c for c in hits if c not in chosen)
     return tuple(c for c in resolution.cells if c in chosen)
+
+
+def select_one(resolution: Resolution, name: str) -> Cell | None:
+    """The one image `name` names (target -> its recommended image), or None if it names none."""
+    try:
+        hits = select(resolution, [name])
+    except ConfigError:
+        return None
+    if len(hits) > 1:
+        hits = tuple(c for c in hits if c.recommended) or hits
+    if len(hits) > 1:
+        raise ConfigError(
+            f"'{name}' names {len(hits)} images ({', '.join(c.id for c in hits)}); name one by its id"
+        )
+    return hits[0]

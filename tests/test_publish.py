@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from builder import publish
-from builder.commands.report import report
 from builder.errors import ConfigError
-from builder.render import Project
+from builder.project import Project
+from builder.publish import publish as report
 
 BUILD: dict[str, Any] = {
     "command": "build",
@@ -153,7 +153,7 @@ def test_bar_chart_without_data() -> None:
 
 
 def test_report_writes_pages_and_index(tmp_path: Path) -> None:
-    project = Project(tmp_path)
+    project = Project.at(tmp_path)
     with pytest.raises(ConfigError, match="nothing to report"):
         report(project)
     (tmp_path / "build" / "reports").mkdir(parents=True)

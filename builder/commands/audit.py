@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from builder.errors import AuditFailed, ConfigError, Interrupted
+from builder import contract
+from builder.commands.common import Context, interruptible, option, stderr_console
+from builder.errors import AuditFailed, ConfigError
 
 if TYPE_CHECKING:
     from builder.audit import AuditResult
-    from builder.cli import Context
 
 
 @click.command("audit")
@@ -31,19 +32,10 @@ if TYPE_CHECKING:
     metavar="REF",
     help="Also audit this image reference (e.g. a content-hash tag); repeatable.",
 )
-@click.option("--sm", help="Judge against this SM (70, sm_70 or 7.0) instead of the io.qwen-ft.sm label.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report (audit.json) on stdout.")
-@click.option(
-    "--wheelhouse",
-    type=click.Path(path_type=Path, file_okay=False),
-    help="Folder holding the nvidia_cuda_cuobjdump wheel (offline use).",
-)
-@click.option(
-    "--cuobjdump",
-    "cuobjdump_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="A cuobjdump binary to use (built for the image's CPU architecture, glibc-linked).",
-)
+@click.option("--sm", help="Judge against this SM (70, sm_70 or 7.0) instead of the image's SM label.")
+@option("as_json", help="Print the report (audit.json) on stdout.")
+@option("cuobjdump_wheelhouse")
+@option("cuobjdump", type=click.Path(path_type=Path, dir_okay=False))
 @click.option(
     "--timeout",
     type=float,
@@ -52,19 +44,18 @@ if TYPE_CHECKING:
     help="Seconds per image; then the container is killed and removed.",
 )
 @click.option("--all-binaries", is_flag=True, help="List every binary, not only failures, in the table.")
-@click.option("--docker", "docker_exe", envvar="QWEN_FT_DOCKER", help="docker executable (default: docker).")
+@option("docker")
 @click.pass_obj
+@interruptible("interrupted: the audit container was removed; no audit report written")
 def command(
     obj: Context,
+    /,
     selectors: tuple[str, ...],
     refs: tuple[str, ...],
     sm: str | None,
-    as_json: bool,
-    wheelhouse: Path | None,
-    cuobjdump_path: Path | None,
     timeout: float,
     all_binaries: bool,
-    docker_exe: str | None,
+    **cli: Any,
 ) -> None:
     """Audit the kernels of the selected built images (none selected: all; --image adds refs).
 
@@ -74,16 +65,24 @@ def command(
     its SASS nor JIT its PTX. Exits 9 when a binary fails, 2 for an image this tool did not
     build (without --sm) or when cuobjdump cannot be had.
     """
-    try:
-        _command(
-            obj, selectors, refs, sm, as_json, wheelhouse, cuobjdump_path, timeout, all_binaries, docker_exe
-        )
-    except KeyboardInterrupt:
-        raise Interrupted("interrupted: the audit container was removed; no audit report written") from None
+    settings = obj.settings(cli)
+    _command(
+        obj,
+        selectors,
+        refs,
+        sm,
+        settings["as_json"],
+        settings["cuobjdump_wheelhouse"],
+        settings["cuobjdump"],
+        timeout,
+        all_binaries,
+        settings["docker"],
+    )
 
 
 def _command(
     obj: Context,
+    /,
     selectors: tuple[str, ...],
     refs: tuple[str, ...],
     sm: str | None,
@@ -94,8 +93,6 @@ def _command(
     all_binaries: bool,
     docker_exe: str | None,
 ) -> None:
-    from rich.console import Console
-
     from builder import audit, resolve
     from builder.engine import CommandLog, DockerEngine
 
@@ -108,10 +105,9 @@ def _command(
     if selectors or not refs:
         _, _, res = obj.load()
         for cell in resolve.select(res, selectors):
-            assert cell.plan is not None
             targets.append((cell.id, cell.plan.tags[0]))
     targets += [(ref, ref) for ref in refs]
-    engine = DockerEngine(docker_exe, CommandLog(project.build / "logs" / "commands.sh"))
+    engine = DockerEngine(docker_exe, CommandLog(project.logs / "commands.sh"))
     # Not engine.check(): that also insists on BuildKit, which running a container does not need.
     engine_version = str(engine.client.version().get("Version", "unknown"))
     missing = [ref for _, ref in targets if engine.image_labels(ref) is None]
@@ -119,11 +115,9 @@ def _command(
         names = " ".join(name for name, ref in targets if ref in missing and name != ref)
         hint = f"; run qwen-ft-images build {names}" if names else ""
         raise ConfigError(f"not built: {', '.join(missing)}{hint}")
-    console = Console(stderr=True, highlight=False)
-    if not console.is_terminal:
-        console = Console(stderr=True, highlight=False, width=150)
+    console = stderr_console()
     started = time.time()
-    labels = {audit.RUN_LABEL: uuid.uuid4().hex[:12]}
+    labels = {contract.AUDIT_RUN: uuid.uuid4().hex[:12]}
     results: list[AuditResult] = []
     for name, ref in targets:
         console.print(f"{name}: auditing {ref} …", markup=False)

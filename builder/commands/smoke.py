@@ -1,492 +1,116 @@
-"""`qwen-ft-images smoke`: run each built image's `contract` and `smoke` in a throwaway container.
-
-Three stages, each testable alone:
-
-* planning (`plan_image`, pure): which step each image gets on this host. A GPU image whose
-  SM a host GPU can run (same major, device minor >= image minor) gets the GPU step with the
-  image's own dtype; otherwise, and on a host without GPUs, the CPU step in fp32/sdpa, and
-  the report says so;
-* running (`run`): contract then smoke, one container at a time, through an engine
-  (`DockerEngine.run_container`: killed at `--timeout`, always removed, even on Ctrl-C);
-* reporting (`judge`, `image_row`, `report_json`, `render_markdown`, pure):
-  build/reports/smoke.json and smoke.md, and a summary table on stderr.
-"""
+"""`smoke`: `contract`, a real LoRA step and the kernel audit in each built image."""
 
 from __future__ import annotations
 
 import json
-import time
-import uuid
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 import click
 
-from builder.engine import ContainerEngine, ContainerRun, parse_json_lines
-from builder.errors import ConfigError, Interrupted, SmokeFailed
-
-if TYPE_CHECKING:
-    from builder.audit import AuditResult
-    from builder.cli import Context
-    from builder.hostprobe import GpuInfo
-    from builder.render import Project
-    from builder.resolve import Cell
-
-RUNTIME = "qwen-ft-runtime"
-TARGET_LABEL = "io.qwen-ft.target"
-RUN_LABEL = "io.qwen-ft.smoke-run"
-PROJECT_LABEL = "io.qwen-ft.smoke-project"
-MODEL_MOUNT = "/model"
-DEFAULT_TIMEOUT_S = 600.0
-NO_GPU_NOTE = "cpu step only: no GPU on this host"
-
-
-class SmokeEngine(ContainerEngine, Protocol):
-    """What smoke needs from an engine (DockerEngine; tests use a recording fake)."""
-
-    def check(self) -> str: ...
-
-
-# ----------------------------------------------------------------------------- planning
-
-
-@dataclass(frozen=True)
-class Options:
-    steps: int | None = None  # None: the runtime's default (8)
-    timeout: float = DEFAULT_TIMEOUT_S
-    model: Path | None = None
-    env: Mapping[str, str] = field(default_factory=dict)
-    cpu_only: bool = False
-
-
-@dataclass(frozen=True)
-class AuditOptions:
-    wheelhouse: Path | None = None
-    cuobjdump: Path | None = None
-
-
-@dataclass(frozen=True)
-class ImagePlan:
-    """One image and the step it gets on this host."""
-
-    name: str  # the cell id, e.g. cpu-fp32
-    ref: str  # its first tag, e.g. qwen-ft:cpu-fp32
-    target: str
-    sm: int | None
-    dtype: str  # what the image trains in
-    attn: str
-    gpu: bool  # GPU step (else the CPU step)
-    gpu_name: str | None
-    note: str
-    env: Mapping[str, str]  # extra container ENV for the smoke step
-    smoke_flags: tuple[str, ...]  # extra runtime flags for the smoke step
-
-
-def runs_on(device_sm: int | None, image_sm: int) -> bool:
-    """NVIDIA binary compatibility: same major, device minor >= the image's minor."""
-    return device_sm is not None and device_sm // 10 == image_sm // 10 and device_sm >= image_sm
-
-
-def plan_image(
-    cell: Cell, gpus: Sequence[GpuInfo], *, cpu_only: bool = False, sm_of: Callable[[GpuInfo], int | None]
-) -> ImagePlan:
-    """Pure: GPU step where a host GPU runs the image's kernels, else the CPU step (fp32, sdpa)."""
-    assert cell.plan is not None
-    plan = cell.plan
-
-    def image_plan(gpu: bool, gpu_name: str | None, note: str, env: Mapping[str, str]) -> ImagePlan:
-        flags = () if gpu else ("--device", "cpu", "--dtype", "fp32", "--attn", "sdpa")
-        return ImagePlan(
-            name=cell.id,
-            ref=plan.tags[0],
-            target=cell.spec.target,
-            sm=cell.sm,
-            dtype=plan.dtype,
-            attn=plan.attn_implementation,
-            gpu=gpu,
-            gpu_name=gpu_name,
-            note=note,
-            env=env,
-            smoke_flags=flags,
-        )
-
-    image_sm = cell.sm
-    fitting = [] if image_sm is None else [g for g in gpus if runs_on(sm_of(g), image_sm)]
-    if fitting and not cpu_only:
-        first = fitting[0]
-        env: dict[str, str] = {}
-        if len(fitting) < len(gpus):  # a mixed host: pin the GPU that fits (nvidia-smi order)
-            env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": str(first.index)}
-        return image_plan(True, first.name, "", env)
-    if cpu_only:
-        why = "cpu step only: --cpu-only"
-    elif not gpus:
-        why = NO_GPU_NOTE
-    elif image_sm is None:
-        why = "cpu image"
-    else:
-        seen = ", ".join(sorted({f"{g.name} sm_{sm_of(g)}" for g in gpus}))
-        why = f"cpu step only: no GPU here runs sm_{image_sm} code ({seen})"
-    if image_sm is not None:
-        why += f"; ran fp32/sdpa, the image trains in {plan.dtype}/{plan.attn_implementation}"
-    # A GPU image on the CPU: its QWEN_FT_SM would fail the runtime's device check, so unset it
-    # (the runtime then skips that check); the flags override its half-precision defaults.
-    return image_plan(False, None, why, {} if image_sm is None else {"QWEN_FT_SM": ""})
-
-
-def contract_argv() -> list[str]:
-    return [RUNTIME, "contract"]
-
-
-def smoke_argv(plan: ImagePlan, options: Options) -> list[str]:
-    argv = [RUNTIME, "smoke", *plan.smoke_flags]
-    if options.steps is not None:
-        argv += ["--steps", str(options.steps)]
-    if options.model is not None:
-        argv += ["--model", MODEL_MOUNT]
-    return argv
-
-
-def parse_env(items: Sequence[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--env {item!r}: expected KEY=VALUE, e.g. QWEN_FT_TRITON=keep")
-        out[key.strip()] = value
-    return out
-
-
-def check_built(engine: SmokeEngine, cells: Sequence[Cell]) -> None:
-    """Every selected image exists and was built by this tool, or one line saying what to build."""
-    missing: list[Cell] = []
-    foreign: list[str] = []
-    for cell in cells:
-        assert cell.plan is not None
-        ref = cell.plan.tags[0]
-        labels = engine.image_labels(ref)
-        if labels is None:
-            missing.append(cell)
-        elif labels.get(TARGET_LABEL) != cell.spec.target:
-            foreign.append(f"{ref} (its {TARGET_LABEL} label is {labels.get(TARGET_LABEL)!r})")
-    if missing:
-        refs = ", ".join(c.plan.tags[0] for c in missing if c.plan is not None)
-        names = " ".join(c.id for c in missing)
-        noun = "image" if len(missing) == 1 else "images"
-        raise ConfigError(f"{noun} {refs} not built; run qwen-ft-images build {names}")
-    if foreign:
-        raise ConfigError(
-            f"not built by qwen-ft-images: {'; '.join(foreign)}; run qwen-ft-images build "
-            + " ".join(c.id for c in cells)
-        )
-
-
-# ----------------------------------------------------------------------------- judging
-
-
-@dataclass(frozen=True)
-class StepResult:
-    step: str  # contract | smoke
-    ok: bool
-    exit_code: int | None
-    seconds: float
-    timed_out: bool
-    payload: dict[str, Any] | None
-    error: str | None  # why it failed when no check says so
-    log: str | None = None
-
-    @property
-    def checks(self) -> list[dict[str, Any]]:
-        return list((self.payload or {}).get("checks") or [])
-
-    @property
-    def failures(self) -> list[str]:
-        """Failing check names, prefixed by the step: contract:triton, smoke:timeout, ..."""
-        failed = [f"{self.step}:{c.get('name')}" for c in self.checks if not c.get("ok")]
-        if self.timed_out:
-            failed.append(f"{self.step}:timeout")
-        elif self.payload is None:
-            failed.append(f"{self.step}:{'usage' if self.exit_code == 2 else 'output'}")
-        elif not failed and not self.ok:
-            failed.append(f"{self.step}:exit_code")
-        return failed
-
-
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1][:300] if lines else ""
-
-
-def judge(step: str, run: ContainerRun, timeout: float) -> StepResult:
-    """Pure: a step passes when it exits 0 and its one JSON line says ok."""
-    docs = [d for d in parse_json_lines(run.stdout) if d.get("entry") == step]
-    payload = docs[-1] if docs else None
-    error = None
-    if run.timed_out:
-        error = f"timed out after {timeout:g} s; killed"
-    elif payload is None:
-        error = f"exit {run.exit_code}, no JSON line: {_last_line(run.stderr) or 'no output'}"
-    elif run.exit_code != 0 and payload.get("ok"):
-        error = f"exit {run.exit_code} although the JSON says ok"
-    ok = not run.timed_out and run.exit_code == 0 and payload is not None and payload.get("ok") is True
-    return StepResult(step, ok, run.exit_code, round(run.seconds, 2), run.timed_out, payload, error)
-
-
-@dataclass(frozen=True)
-class ImageResult:
-    plan: ImagePlan
-    image_id: str | None
-    steps: tuple[StepResult, ...]
-    wall_s: float
-
-    @property
-    def ok(self) -> bool:
-        return bool(self.steps) and all(s.ok for s in self.steps)
-
-    @property
-    def failures(self) -> list[str]:
-        return [f for s in self.steps for f in s.failures]
-
-    def step(self, name: str) -> StepResult | None:
-        return next((s for s in self.steps if s.step == name), None)
-
-
-def audit_step(result: AuditResult | None, error: str | None = None, seconds: float = 0.0) -> StepResult:
-    """The kernel audit as a smoke step: one check per failing binary (or one summary check)."""
-    if result is None:
-        check = {"name": "unavailable", "ok": False, "detail": error}
-        return StepResult(
-            "audit", False, None, seconds, False, {"entry": "audit", "ok": False, "checks": [check]}, error
-        )
-    failing = [{"name": b.short_path, "ok": False, "detail": b.detail} for b in result.failures]
-    summary = {
-        "name": "kernels",
-        "ok": result.ok,
-        "detail": f"{len(result.binaries)} binaries with device code checked against sm_{result.sm}",
-    }
-    payload = {"entry": "audit", "ok": result.ok, "checks": [summary, *failing]}
-    return StepResult("audit", result.ok, None, round(result.seconds, 2), False, payload, None)
-
-
-def _losses(run: Mapping[str, Any]) -> list[Any]:
-    return list(run.get("losses") or [])
-
-
-def image_row(result: ImageResult) -> dict[str, Any]:
-    """One image's entry in smoke.json."""
-    plan = result.plan
-    smoke = result.step("smoke")
-    payload = (smoke.payload if smoke else None) or {}
-    device = payload.get("device") or {
-        "type": "cuda" if plan.gpu else "cpu",
-        "name": plan.gpu_name,
-        "sm": None,
-    }
-    runs = []
-    for run in payload.get("runs") or []:
-        losses = _losses(run)
-        runs.append(
-            {
-                "model": run.get("model"),
-                "tokens_per_s": run.get("tokens_per_s"),
-                "step_time_s": run.get("step_time_s"),
-                "loss_first": losses[0] if losses else None,
-                "loss_last": losses[-1] if losses else None,
-                "losses": losses,
-                "peak_mem_bytes": run.get("peak_mem_bytes"),
-                "peak_mem_kind": run.get("peak_mem_kind"),
-            }
-        )
-    failures = result.failures
-    return {
-        "image": plan.name,
-        "ref": plan.ref,
-        "image_id": result.image_id,
-        "target": plan.target,
-        "ok": result.ok,
-        "failed_check": failures[0] if failures else None,
-        "failed_checks": failures,
-        "step": "gpu" if plan.gpu else "cpu",
-        "note": plan.note or None,
-        "device": {"kind": "gpu" if device.get("type") == "cuda" else "cpu", **device},
-        "dtype": payload.get("dtype"),
-        "attention": payload.get("attn_implementation"),
-        "image_dtype": plan.dtype,
-        "image_attention": plan.attn,
-        "wall_s": round(result.wall_s, 2),
-        "checks": [
-            {"step": s.step, "name": c.get("name"), "ok": c.get("ok"), "detail": c.get("detail")}
-            for s in result.steps
-            for c in s.checks
-        ],
-        "runs": runs,
-        "import_to_first_step_s": payload.get("import_to_first_step_s"),
-        "steps": {
-            s.step: {
-                "ok": s.ok,
-                "exit_code": s.exit_code,
-                "seconds": s.seconds,
-                "timed_out": s.timed_out,
-                "failed_check": (s.payload or {}).get("failed_check"),
-                "error": s.error,
-                "log": s.log,
-            }
-            for s in result.steps
-        },
-    }
-
-
-def report_json(results: Sequence[ImageResult], meta: Mapping[str, Any]) -> dict[str, Any]:
-    return {**meta, "ok": all(r.ok for r in results), "images": [image_row(r) for r in results]}
-
-
-def _num(value: Any, fmt: str) -> str:
-    return format(value, fmt) if isinstance(value, (int, float)) else str(value)
-
-
-def fmt_losses(run: Mapping[str, Any]) -> str:
-    first, last = run.get("loss_first"), run.get("loss_last")
-    if first is None:
-        return "-"
-    return f"{_num(first, '.3f')}→{_num(last, '.3f')}"
-
-
-def fmt_device(row: Mapping[str, Any]) -> str:
-    device = row["device"]
-    name = device.get("name") or ""
-    return f"{device['kind']} ({name})" if name else str(device["kind"])
-
-
-def _per_model(row: Mapping[str, Any], fmt: Callable[[Mapping[str, Any]], str], sep: str = "; ") -> str:
-    return sep.join(f"{r['model']} {fmt(r)}" for r in row["runs"]) or "-"
-
-
-def fmt_tokens(run: Mapping[str, Any]) -> str:
-    value = run.get("tokens_per_s")
-    return "-" if value is None else f"{_num(value, '.0f')}"
-
-
-def _md(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def render_markdown(report: Mapping[str, Any]) -> str:
-    """Pure: smoke.md, one table row per image, then each image's checks."""
-    host = report.get("host") or {}
-    gpus = host.get("gpus") or []
-    lines = [
-        "# Smoke report",
-        "",
-        f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(report.get('started') or 0))}; "
-        f"Docker {report.get('engine')}; host GPUs: "
-        + (", ".join(f"{g['name']} (sm_{g['sm']})" for g in gpus) or "none"),
-        "",
-        "| image | result | device | dtype | attention | tokens/s | loss first→last | wall "
-        "| failed check | note |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in report["images"]:
-        cells = [
-            f"`{row['ref']}`",
-            "pass" if row["ok"] else "**FAIL**",
-            fmt_device(row),
-            row["dtype"] or "-",
-            row["attention"] or "-",
-            _per_model(row, fmt_tokens),
-            _per_model(row, fmt_losses),
-            f"{row['wall_s']:.1f} s",
-            ", ".join(row["failed_checks"]) or "-",
-            row["note"] or "",
-        ]
-        lines.append("| " + " | ".join(_md(c) for c in cells) + " |")
-    for row in report["images"]:
-        lines += ["", f"## {row['image']}", ""]
-        for c in row["checks"]:
-            mark = "ok" if c["ok"] else "**FAILED**"
-            lines.append(f"- {c['step']}:{c['name']}: {mark} ({_md(c['detail'])})")
-        for name, step in row["steps"].items():
-            if step["error"]:
-                lines.append(f"- {name}: **{_md(step['error'])}** (log: {step['log']})")
-    return "\n".join(lines) + "\n"
-
-
-# ----------------------------------------------------------------------------- running
-
-
-def _write_log(folder: Path, plan: ImagePlan, step: str, argv: Sequence[str], run: ContainerRun) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{plan.name}.{step}.log"
-    path.write_text(
-        f"$ {plan.ref} {' '.join(argv)}\n# exit {run.exit_code}, {run.seconds:.1f} s"
-        f"{', timed out' if run.timed_out else ''}\n--- stderr\n{run.stderr}\n--- stdout\n{run.stdout}"
+from builder.commands.common import Context, interruptible, option, stderr_console
+from builder.errors import ConfigError
+from builder.smoke import (
+    DEFAULT_TIMEOUT_S,
+    AuditOptions,
+    ImagePlan,
+    Options,
+    StepResult,
+    _per_model,
+    fmt_device,
+    fmt_losses,
+    fmt_tokens,
+)
+
+
+@click.command("smoke")
+@click.argument("selectors", nargs=-1)
+@click.option("--steps", type=int, help="Optimizer steps per model (runtime default 8; at least 2).")
+@click.option(
+    "--timeout",
+    type=float,
+    default=DEFAULT_TIMEOUT_S,
+    show_default=True,
+    help="Seconds per container; then it is killed, removed and reported as failed.",
+)
+@click.option(
+    "--model",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    help="A local Qwen checkpoint, mounted read-only at /model, instead of the tiny models.",
+)
+@click.option("--cpu-only", is_flag=True, help="Run the CPU step even where a GPU fits the image.")
+@option("docker")
+@option("as_json", help="Print the report (smoke.json) on stdout.")
+@click.option("--no-audit", is_flag=True, help="Skip the kernel-coverage audit of GPU images.")
+@option("cuobjdump_wheelhouse")
+@option("cuobjdump")
+@click.option("--env", "env_items", multiple=True, hidden=True, help="KEY=VALUE for every container (tests).")
+@click.pass_obj
+@interruptible("interrupted: the running container was removed; no smoke report written")
+def command(
+    obj: Context,
+    /,
+    selectors: tuple[str, ...],
+    steps: int | None,
+    timeout: float,
+    model: Path | None,
+    cpu_only: bool,
+    no_audit: bool,
+    env_items: tuple[str, ...],
+    **cli: Any,
+) -> None:
+    """Run `contract` then `smoke` in each selected built image; none selected means all.
+
+    With an NVIDIA GPU that runs the image's kernels, the smoke step trains on the GPU in the
+    image's dtype; otherwise it trains on the CPU in fp32 and the report says so. Writes
+    build/reports/smoke.json and smoke.md; exits 8 if any image fails.
+    """
+    from builder import resolve, smoke
+
+    if steps is not None and steps < 2:
+        raise ConfigError("--steps must be at least 2 (the loss must have a chance to fall)")
+    if timeout <= 0:
+        raise ConfigError("--timeout must be positive")
+    settings = obj.settings(cli)
+    options = Options(
+        steps=steps, timeout=timeout, model=model, env=smoke.parse_env(env_items), cpu_only=cpu_only
     )
-    return path
+    audit_options = (
+        None
+        if no_audit
+        else AuditOptions(wheelhouse=settings["cuobjdump_wheelhouse"], cuobjdump=settings["cuobjdump"])
+    )
+    cfg, kb, res = obj.load()
+    project = obj.project
+    console = stderr_console()
 
+    def on_step(plan: ImagePlan, step: str, result: StepResult | None) -> None:
+        if result is None:
+            where = f"gpu ({plan.gpu_name})" if plan.gpu else "cpu"
+            console.print(f"{plan.name}: {step} on {where} …", markup=False)
+            return
+        verdict = "ok" if result.ok else "FAILED " + ", ".join(result.failures)
+        console.print(f"{plan.name}: {step} {verdict} ({result.seconds:.1f} s)", markup=False)
 
-Listener = Callable[[ImagePlan, str, StepResult | None], None]
-
-
-def run(
-    engine: SmokeEngine,
-    plans: Sequence[ImagePlan],
-    options: Options,
-    *,
-    logs: Path,
-    labels: Mapping[str, str],
-    on_step: Listener = lambda plan, step, result: None,
-    auditor: Callable[[ImagePlan], StepResult] | None = None,
-) -> list[ImageResult]:
-    """Contract, smoke, then (GPU images) the kernel audit; one image's failure never stops the others."""
-    volumes = {str(options.model.resolve()): MODEL_MOUNT} if options.model is not None else {}
-    results = []
-    for plan in plans:
-        start = time.monotonic()
-        steps: list[StepResult] = []
-        for step, argv, env, mounts in (
-            ("contract", contract_argv(), dict(options.env), {}),
-            ("smoke", smoke_argv(plan, options), {**plan.env, **options.env}, volumes),
-        ):
-            on_step(plan, step, None)
-            outcome = engine.run_container(
-                plan.ref,
-                argv,
-                timeout=options.timeout,
-                gpus=plan.gpu,
-                env=env,
-                volumes=mounts,
-                labels=labels,
-            )
-            log = _write_log(logs, plan, step, argv, outcome)
-            judged = judge(step, outcome, options.timeout)
-            judged = StepResult(**{**judged.__dict__, "log": str(log)})
-            steps.append(judged)
-            on_step(plan, step, judged)
-        if auditor is not None and plan.sm is not None:
-            on_step(plan, "audit", None)
-            audited = auditor(plan)
-            steps.append(audited)
-            on_step(plan, "audit", audited)
-        results.append(ImageResult(plan, engine.image_id(plan.ref), tuple(steps), time.monotonic() - start))
-    return results
-
-
-def write_reports(project: Project, report: Mapping[str, Any]) -> tuple[Path, Path]:
-    folder = project.build / "reports"
-    folder.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = folder / "smoke.json", folder / "smoke.md"
-    for path, text in ((json_path, json.dumps(report, indent=2) + "\n"), (md_path, render_markdown(report))):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-    return json_path, md_path
-
-
-def failure_message(results: Sequence[ImageResult]) -> str:
-    failed = [r for r in results if not r.ok]
-    detail = "; ".join(f"{r.plan.name} ({', '.join(r.failures)})" for r in failed)
-    return f"{len(failed)} of {len(results)} images failed smoke: {detail}; logs in build/logs/smoke/"
+    results, report = smoke.execute(
+        project,
+        kb,
+        cfg,
+        resolve.select(res, selectors),
+        options,
+        docker=settings["docker"],
+        audit_options=audit_options,
+        on_step=on_step,
+    )
+    json_path, md_path = smoke.write_reports(project, report)
+    console.print(summary_table(report))
+    console.print(
+        f"report: {json_path.relative_to(project.root)}, {md_path.relative_to(project.root)}", markup=False
+    )
+    if settings["as_json"]:
+        click.echo(json.dumps(report, indent=2))
+    smoke.raise_for_failures(results)
 
 
 def summary_table(report: Mapping[str, Any]) -> Any:
@@ -512,167 +136,3 @@ def summary_table(report: Mapping[str, Any]) -> Any:
             escape(detail),
         )
     return table
-
-
-# ----------------------------------------------------------------------------- the command
-
-
-@click.command("smoke")
-@click.argument("selectors", nargs=-1)
-@click.option("--steps", type=int, help="Optimizer steps per model (runtime default 8; at least 2).")
-@click.option(
-    "--timeout",
-    type=float,
-    default=DEFAULT_TIMEOUT_S,
-    show_default=True,
-    help="Seconds per container; then it is killed, removed and reported as failed.",
-)
-@click.option(
-    "--model",
-    type=click.Path(path_type=Path, exists=True, file_okay=False),
-    help="A local Qwen checkpoint, mounted read-only at /model, instead of the tiny models.",
-)
-@click.option("--cpu-only", is_flag=True, help="Run the CPU step even where a GPU fits the image.")
-@click.option("--docker", "docker_exe", envvar="QWEN_FT_DOCKER", help="docker executable (default: docker).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report (smoke.json) on stdout.")
-@click.option("--no-audit", is_flag=True, help="Skip the kernel-coverage audit of GPU images.")
-@click.option(
-    "--wheelhouse", type=click.Path(path_type=Path), help="Folder holding the cuobjdump wheel (offline)."
-)
-@click.option("--cuobjdump", type=click.Path(path_type=Path), help="A cuobjdump binary to use for the audit.")
-@click.option("--env", "env_items", multiple=True, hidden=True, help="KEY=VALUE for every container (tests).")
-@click.pass_obj
-def command(
-    obj: Context,
-    selectors: tuple[str, ...],
-    steps: int | None,
-    timeout: float,
-    model: Path | None,
-    cpu_only: bool,
-    docker_exe: str | None,
-    as_json: bool,
-    no_audit: bool,
-    wheelhouse: Path | None,
-    cuobjdump: Path | None,
-    env_items: tuple[str, ...],
-) -> None:
-    """Run `contract` then `smoke` in each selected built image; none selected means all.
-
-    With an NVIDIA GPU that runs the image's kernels, the smoke step trains on the GPU in the
-    image's dtype; otherwise it trains on the CPU in fp32 and the report says so. Writes
-    build/reports/smoke.json and smoke.md; exits 8 if any image fails.
-    """
-    try:
-        audit_opts = None if no_audit else AuditOptions(wheelhouse=wheelhouse, cuobjdump=cuobjdump)
-        _command(obj, selectors, steps, timeout, model, cpu_only, docker_exe, as_json, env_items, audit_opts)
-    except KeyboardInterrupt:
-        raise Interrupted("interrupted: the running container was removed; no smoke report written") from None
-
-
-def _command(
-    obj: Context,
-    selectors: tuple[str, ...],
-    steps: int | None,
-    timeout: float,
-    model: Path | None,
-    cpu_only: bool,
-    docker_exe: str | None,
-    as_json: bool,
-    env_items: tuple[str, ...],
-    audit_opts: AuditOptions | None = None,
-) -> None:
-    from rich.console import Console
-
-    from builder import doctor, hostprobe, resolve
-    from builder.engine import CommandLog, DockerEngine
-
-    if steps is not None and steps < 2:
-        raise ConfigError("--steps must be at least 2 (the loss must have a chance to fall)")
-    if timeout <= 0:
-        raise ConfigError("--timeout must be positive")
-    options = Options(steps=steps, timeout=timeout, model=model, env=parse_env(env_items), cpu_only=cpu_only)
-    cfg, kb, res = obj.load()
-    cells = resolve.select(res, selectors)
-    project = obj.project
-    engine = DockerEngine(docker_exe, CommandLog(project.build / "logs" / "commands.sh"))
-    engine_version = engine.check()
-    check_built(engine, cells)
-
-    probe = hostprobe.probe_gpus(hostprobe.system_runner, hostprobe.import_pynvml)
-
-    def sm_of(gpu: GpuInfo) -> int | None:
-        return gpu.sm if gpu.sm is not None else doctor.sm_for_name(kb, cfg, gpu.name)
-
-    plans = [plan_image(c, probe.gpus, cpu_only=cpu_only, sm_of=sm_of) for c in cells]
-    console = Console(stderr=True, highlight=False)
-    if not console.is_terminal:  # CI logs: wide enough for the summary table
-        console = Console(stderr=True, highlight=False, width=150)
-
-    def on_step(plan: ImagePlan, step: str, result: StepResult | None) -> None:
-        if result is None:
-            where = f"gpu ({plan.gpu_name})" if plan.gpu else "cpu"
-            console.print(f"{plan.name}: {step} on {where} …", markup=False)
-            return
-        verdict = "ok" if result.ok else "FAILED " + ", ".join(result.failures)
-        console.print(f"{plan.name}: {step} {verdict} ({result.seconds:.1f} s)", markup=False)
-
-    started = time.time()
-    labels = {RUN_LABEL: uuid.uuid4().hex[:12], PROJECT_LABEL: str(project.root)}
-    auditor = None
-    if audit_opts is not None:
-
-        def auditor(plan: ImagePlan) -> StepResult:
-            from builder import audit
-            from builder.errors import FatalError
-
-            start = time.monotonic()
-            try:
-                result = audit.audit_image(
-                    engine,
-                    plan.ref,
-                    name=plan.name,
-                    cache_dir=project.build / "cache" / "audit",
-                    wheelhouse=audit_opts.wheelhouse,
-                    cuobjdump=audit_opts.cuobjdump,
-                )
-            except FatalError as exc:
-                return audit_step(None, exc.message, time.monotonic() - start)
-            return audit_step(result)
-
-    results = run(
-        engine,
-        plans,
-        options,
-        logs=project.build / "logs" / "smoke",
-        labels=labels,
-        on_step=on_step,
-        auditor=auditor,
-    )
-    meta = {
-        "command": "smoke",
-        "started": started,
-        "seconds": round(time.time() - started, 2),
-        "engine": engine_version,
-        "host": {
-            "gpu_probe": probe.source,
-            "gpu_problem": probe.problem,
-            "gpus": [{"index": g.index, "name": g.name, "sm": sm_of(g)} for g in probe.gpus],
-        },
-        "options": {
-            "steps": steps,
-            "timeout": timeout,
-            "model": str(model) if model else None,
-            "cpu_only": cpu_only,
-            "env": dict(options.env),
-        },
-    }
-    report = report_json(results, meta)
-    json_path, md_path = write_reports(project, report)
-    console.print(summary_table(report))
-    console.print(
-        f"report: {json_path.relative_to(project.root)}, {md_path.relative_to(project.root)}", markup=False
-    )
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-    if not report["ok"]:
-        raise SmokeFailed(failure_message(results))

@@ -251,7 +251,8 @@ def _word_in(pattern: str, text: str) -> bool:
     return False
 
 
-def _read(name: str) -> dict[str, Any]:
+def read_yaml(name: str) -> dict[str, Any]:
+    """One knowledge file, parsed (every loader in this package reads through here)."""
     text = resources.files("builder.knowledge").joinpath(name).read_text(encoding="utf-8")
     data = yaml.load(text, Loader=_Loader)
     if not isinstance(data, dict):
@@ -268,12 +269,12 @@ def load() -> Knowledge:
     """Load and type-check every knowledge file once per process."""
     try:
         return _build(
-            gpus=_read("gpus.yaml"),
-            torch=_read("torch.yaml"),
-            triton=_read("triton.yaml"),
-            fa=_read("flash_attn.yaml"),
-            cuda=_read("cuda.yaml"),
-            stack=_read("stack.yaml"),
+            gpus=read_yaml("gpus.yaml"),
+            torch=read_yaml("torch.yaml"),
+            triton=read_yaml("triton.yaml"),
+            fa=read_yaml("flash_attn.yaml"),
+            cuda=read_yaml("cuda.yaml"),
+            stack=read_yaml("stack.yaml"),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise KnowledgeError(f"builder/knowledge is malformed: {exc!r}") from exc

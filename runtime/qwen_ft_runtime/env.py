@@ -12,24 +12,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .errors import UsageError
-
-# Field -> ENV variable set by the Dockerfile templates.
-ENV_VARS: dict[str, str] = {
-    "target": "QWEN_FT_TARGET",
-    "alias": "QWEN_FT_ALIAS",
-    "sm": "QWEN_FT_SM",
-    "dtype": "QWEN_FT_DTYPE",
-    "attn": "QWEN_FT_ATTN",
-    "torch": "QWEN_FT_TORCH",
-    "cuda": "QWEN_FT_CUDA",
-    "flash_attn": "QWEN_FT_FLASH_ATTN",
-    "triton": "QWEN_FT_TRITON",
-}
+from .interface import ENV_VARS, NONE
 
 DTYPES = ("bf16", "fp16", "fp32")
 ATTNS = ("sdpa", "flash_attention_2")
 TRITON_MODES = ("keep", "remove")
-NONE = "none"
 
 # Field -> `contract` flag that overrides its ENV variable (so tests need no ENV).
 FLAGS: dict[str, str] = {

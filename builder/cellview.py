@@ -1,22 +1,25 @@
-"""Stable JSON shapes and human tables for cells. Other tools read these names: keep them."""
+"""Views of a cell: the stable JSON shape (`explain --json`, `matrix --json`) and table rows.
+
+Other tools read these field names: keep them.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from builder.resolve import Cell, Reason
+from builder.resolve import Reason, Verdict
 
 
 def reason_json(r: Reason) -> dict[str, str]:
     return {"rule": r.rule, "message": r.message, "source": r.source}
 
 
-def cell_json(cell: Cell) -> dict[str, Any]:
+def cell_json(cell: Verdict) -> dict[str, Any]:
     """The `explain --json` object; `matrix --json` is a list of these."""
     out: dict[str, Any] = {
         "target": cell.spec.target,
         "sm": cell.sm,
-        "id": cell.id if cell.valid else cell.pinned,
+        "id": cell.id,
         "cell": {
             "cuda": cell.spec.cuda,
             "torch": cell.spec.torch,
@@ -65,7 +68,7 @@ def cell_json(cell: Cell) -> dict[str, Any]:
     return out
 
 
-def cell_row(cell: Cell) -> list[str]:
+def cell_row(cell: Verdict) -> list[str]:
     s = cell.spec
     if cell.plan is None:
         return [
@@ -93,3 +96,36 @@ def cell_row(cell: Cell) -> list[str]:
 
 
 HEADERS = ["image", "target", "cuda", "torch", "python", "flash-attn", "dtype", "details / reasons"]
+
+
+def explain_text(d: dict[str, Any]) -> str:
+    """The human `explain` output, from the `explain --json` object."""
+    cell = d["cell"]
+    head = f"{d['target']} (sm_{d['sm']})" if d["sm"] else d["target"]
+    lines = [
+        f"{head}: cuda {cell['cuda']}, torch {cell['torch']}, python {cell['python']}, "
+        f"flash-attn {cell['flash_attn']}, {cell['dtype']}"
+    ]
+    if not d["valid"]:
+        lines.append("INVALID")
+        for r in d["reasons"]:
+            lines.append(f"  [{r['rule']}] {r['message']}\n      source: {r['source']}")
+        return "\n".join(lines) + "\n"
+    p = d["plan"]
+    lines.append(f"VALID: {d['id']}")
+    rows = [
+        ("base image", p["base_image"]),
+        ("builder image", p["builder_image"] or "-"),
+        ("torch", f"{p['torch']['requirement']} from {p['torch']['index_url'] or 'PyPI'}"),
+        ("flash-attn", f"{p['flash_attn']['strategy']} {p['flash_attn']['version'] or ''}".strip()),
+        ("", p["flash_attn"]["wheel_url"] or ""),
+        ("triton", f"{p['triton']} ({p['triton_reason']})"),
+        ("dtype / attention", f"{p['dtype']} / {p['attn_implementation']}"),
+        ("TORCH_CUDA_ARCH_LIST", p["torch_cuda_arch_list"] or "-"),
+        ("min driver", f"{p['min_driver'] or 'none'} ({p['min_driver_reason']})"),
+        ("stack", ", ".join(f"{k}=={v}" for k, v in p["stack"].items())),
+        ("tags", ", ".join(p["tags"])),
+    ]
+    lines += [f"  {k:<21} {v}" for k, v in rows if v]
+    lines += [f"  note: {n['message']}" for n in d["notes"]]
+    return "\n".join(lines) + "\n"

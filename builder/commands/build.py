@@ -1,0 +1,100 @@
+"""`build` and `prune`: build, tag and push the images; remove superseded content tags."""
+
+from __future__ import annotations
+
+import click
+
+from builder.commands.common import Context, option
+
+BUILD_OPTIONS = (
+    "jobs",
+    "fail_fast",
+    "push",
+    "registry",
+    "force",
+    "base_map",
+    "wheelhouse",
+    "ca_bundle",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "network",
+    "docker",
+    "dry_run",
+)
+
+
+@click.command("build")
+@click.argument("selectors", nargs=-1)
+@option("jobs")
+@option("fail_fast")
+@option("push")
+@option("registry")
+@option("force")
+@option("base_map")
+@option("wheelhouse")
+@option("ca_bundle")
+@option("http_proxy")
+@option("https_proxy")
+@option("no_proxy")
+@option("network")
+@option("docker")
+@option("dry_run")
+@click.pass_obj
+def build(obj: Context, /, selectors: tuple[str, ...], **cli: object) -> None:
+    """Build (and tag, and optionally push) the selected images; none selected means all."""
+    from builder import build as building
+    from builder import jobs, resolve
+    from builder.engine import CommandLog, DockerEngine
+    from builder.errors import ConfigError
+
+    cfg, kb, res = obj.load()
+    settings = obj.settings(cli, BUILD_OPTIONS, cfg)
+    options = jobs.options_from(settings)
+    if options.push and not options.registry:
+        raise ConfigError("--push needs --registry HOST[:PORT]/NAMESPACE (or registry: in matrix.yaml)")
+    project = obj.project
+    jobs.check_inputs(project, options)
+    plan = jobs.plan_jobs(project, res, kb, resolve.select(res, selectors), options)
+    if options.dry_run:
+        for line in settings.lines():
+            click.echo(f"# {line}")
+        for line in building.dry_run_lines(project, plan, DockerEngine(settings["docker"]), options):
+            click.echo(line)
+        return
+    from builder.commands.console import BuildProgress, summary
+
+    engine = DockerEngine(settings["docker"], CommandLog(project.logs / "commands.sh"))
+    with BuildProgress([j.name for j in plan]) as progress:
+        done = building.execute(project, plan, engine, options, on_change=progress.update)
+    summary(done.results)
+    click.echo(f"report: {done.record.relative_to(project.root)}", err=True)
+    building.raise_for_failures(done.results)
+
+
+@click.command("prune")
+@option("dry_run", help="List the tags that would be removed; remove nothing.")
+@option("docker")
+@click.pass_obj
+def prune(obj: Context, /, **cli: object) -> None:
+    """Remove local content-hash tags of superseded images, so their layers can be freed.
+
+    Alias and pinned tags, the current content tags, and any image an alias or pinned tag
+    still names are kept. Registries are never touched.
+    """
+    from builder import jobs
+    from builder.engine import CommandLog, DockerEngine
+
+    settings = obj.settings(cli)
+    dry_run = settings["dry_run"]
+    cfg, kb, res = obj.load()
+    project = obj.project
+    planned = jobs.plan_jobs(project, res, kb, res.cells, jobs.BuildOptions())
+    engine = DockerEngine(settings["docker"], CommandLog(None if dry_run else project.logs / "commands.sh"))
+    engine.check()
+    stale = jobs.stale_tags(planned, engine.local_tags(cfg.image))
+    for ref in stale:
+        if not dry_run:
+            engine.remove_image(ref)
+        click.echo(("would remove " if dry_run else "removed ") + ref)
+    click.echo(f"{len(stale)} stale content tag(s) {'found' if dry_run else 'removed'}", err=True)

@@ -1,0 +1,110 @@
+"""What every command shares: the context object, options made from builder/options.py's
+table, JSON output, and turning Ctrl-C into one line."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+
+import click
+
+from builder import options as opts
+from builder.project import Project
+
+if TYPE_CHECKING:
+    from builder.config import MatrixConfig
+    from builder.knowledge import Knowledge
+    from builder.resolve import Resolution
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Context:
+    matrix_path: Path
+    debug: bool
+
+    @property
+    def project(self) -> Project:
+        return Project(self.matrix_path.resolve())
+
+    def load(self) -> tuple[MatrixConfig, Knowledge, Resolution]:
+        from builder import config, knowledge, resolve
+
+        cfg = config.load(self.matrix_path)
+        kb = knowledge.load()
+        return cfg, kb, resolve.resolve(cfg, kb)
+
+    def settings(
+        self, cli: Mapping[str, Any], names: Iterable[str] | None = None, cfg: MatrixConfig | None = None
+    ) -> opts.Settings:
+        """The named options (default: every one in `cli`) under the one precedence."""
+        matrix = {"registry": cfg.registry or None} if cfg is not None else None
+        return opts.resolve(list(names if names is not None else cli), cli, os.environ, matrix)
+
+
+def option(name: str, **overrides: Any) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """A click option made from its row in builder/options.py.
+
+    No click default and no envvar: `Context.settings` applies env, matrix.yaml and
+    defaults, so an unset flag reaches it as None (or False / ()).
+    """
+    row = opts.BY_NAME[name]
+    kwargs: dict[str, Any] = {"help": row.help, "metavar": row.metavar}
+    if row.kind == "flag":
+        kwargs["is_flag"] = True
+    elif row.kind == "multi":
+        kwargs["multiple"] = True
+    elif row.kind == "path":
+        kwargs["type"] = click.Path(path_type=Path)
+    elif row.kind == "int":
+        kwargs["type"] = int
+    elif row.kind == "float":
+        kwargs["type"] = float
+    if row.env:
+        kwargs["help"] = f"{row.help} [env: {row.env}]"
+    if row.default not in (None, (), False):
+        kwargs["help"] = f"{kwargs['help']} [default: {row.default}]"
+    kwargs.update(overrides)
+    return click.option(*row.flags, row.name, **kwargs)
+
+
+def emit_json(data: Any, *, compact: bool = False) -> None:
+    if compact:
+        click.echo(json.dumps(data, separators=(",", ":")))
+    else:
+        click.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+def interruptible(message: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Ctrl-C inside the command becomes `Interrupted(message)`: one line, exit 130."""
+
+    def wrap(func: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(func)
+        def inner(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return func(*args, **kwargs)
+            except KeyboardInterrupt:
+                from builder.errors import Interrupted
+
+                raise Interrupted(message) from None
+
+        return inner
+
+    return wrap
+
+
+def stderr_console() -> Any:
+    """A rich console on stderr; in CI logs (no terminal) wide enough for the summary tables."""
+    from rich.console import Console
+
+    console = Console(stderr=True, highlight=False)
+    if not console.is_terminal:
+        console = Console(stderr=True, highlight=False, width=150)
+    return console

@@ -1,0 +1,155 @@
+"""Every command-line option, declared once: flag, environment variable, matrix.yaml key,
+default and help. One function applies the one precedence, CLI > env > matrix.yaml > default,
+and returns a frozen record of the values and where each came from (`--dry-run` prints it).
+
+Pure data and a pure function: the shell (builder/commands/common.py) turns these rows into
+click options, so a flag cannot mean two things in two commands.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+Kind = Literal["str", "path", "int", "float", "flag", "multi"]
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # the field name in Settings
+    flags: tuple[str, ...]
+    help: str
+    kind: Kind = "str"
+    env: str | None = None
+    matrix_key: str | None = None  # a top-level key of matrix.yaml
+    default: Any = None
+    metavar: str | None = None
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "matrix",
+        ("-f", "--matrix"),
+        "The matrix file; templates/, images/, runtime/ and build/ are found beside it.",
+        kind="path",
+        env="QWEN_FT_MATRIX",
+        default=Path("matrix.yaml"),
+    ),
+    Option("docker", ("--docker",), "The docker executable.", env="QWEN_FT_DOCKER", default="docker"),
+    Option(
+        "registry",
+        ("--registry",),
+        'HOST[:PORT]/NAMESPACE for tags and pushes; "" means none.',
+        env="QWEN_FT_REGISTRY",
+        matrix_key="registry",
+        default="",
+    ),
+    Option(
+        "base_map",
+        ("--base-map",),
+        "PATTERN=REPLACEMENT for base images, e.g. 'nvidia/cuda:*=mirror/cuda:*' (repeatable; "
+        "tried before matrix.yaml's base_map).",
+        kind="multi",
+        default=(),
+    ),
+    Option(
+        "wheelhouse",
+        ("--wheelhouse",),
+        "A folder of wheels pip tries first during the build (bind-mounted, never copied into a layer).",
+        kind="path",
+        env="QWEN_FT_WHEELHOUSE",
+    ),
+    Option(
+        "ca_bundle",
+        ("--ca-bundle",),
+        "A PEM bundle pip/apt/curl trust during the build only (a BuildKit secret).",
+        kind="path",
+        env="QWEN_FT_CA_BUNDLE",
+    ),
+    Option("http_proxy", ("--http-proxy",), "Proxy for the build only (never stored in the image)."),
+    Option("https_proxy", ("--https-proxy",), "Proxy for the build only (never stored in the image)."),
+    Option("no_proxy", ("--no-proxy",), "Hosts that bypass the proxies."),
+    Option("network", ("--network",), "Build network mode, e.g. host."),
+    Option("jobs", ("-j", "--jobs"), "Images to build in parallel.", kind="int", default=1),
+    Option("fail_fast", ("--fail-fast",), "Stop starting new builds after the first failure.", kind="flag"),
+    Option("push", ("--push",), "Push to --registry, then pull back to verify digests.", kind="flag"),
+    Option("force", ("--force",), "Allow overwriting an existing pinned or content tag.", kind="flag"),
+    Option("dry_run", ("--dry-run",), "Print the plan and the exact commands; run nothing.", kind="flag"),
+    Option("as_json", ("--json",), "Print JSON on stdout instead of a table.", kind="flag"),
+    Option(
+        "cuobjdump_wheelhouse",
+        ("--cuobjdump-wheelhouse",),
+        "A folder holding the cuobjdump wheel, for offline kernel audits.",
+        kind="path",
+        env="QWEN_FT_CUOBJDUMP_WHEELHOUSE",
+    ),
+    Option("cuobjdump", ("--cuobjdump",), "A cuobjdump binary to use for the kernel audit.", kind="path"),
+)
+
+BY_NAME: Mapping[str, Option] = MappingProxyType({o.name: o for o in OPTIONS})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved option values, and for each the layer it came from (cli, env, matrix.yaml, default)."""
+
+    values: Mapping[str, Any]
+    sources: Mapping[str, str]
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+    def lines(self) -> list[str]:
+        """`name = value (source)` per option, for --dry-run."""
+        return [f"{name} = {self.values[name]!r} ({self.sources[name]})" for name in sorted(self.values)]
+
+
+def _convert(option: Option, text: str) -> Any:
+    if option.kind == "path":
+        return Path(text)
+    if option.kind == "int":
+        return int(text)
+    if option.kind == "float":
+        return float(text)
+    if option.kind == "flag":
+        return text.strip().lower() in ("1", "true", "yes", "on")
+    return text
+
+
+def _given(option: Option, value: Any) -> bool:
+    """Whether the command line set this option (click passes None, False or () when not)."""
+    if option.kind == "flag":
+        return bool(value)
+    if option.kind == "multi":
+        return bool(value)
+    return value is not None
+
+
+def resolve(
+    names: Iterable[str],
+    cli: Mapping[str, Any],
+    environ: Mapping[str, str],
+    matrix: Mapping[str, Any] | None = None,
+) -> Settings:
+    """CLI > env > matrix.yaml > default, for each named option. An empty CLI string counts as given."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for name in names:
+        option = BY_NAME[name]
+        cli_value = cli.get(name)
+        if _given(option, cli_value):
+            values[name], sources[name] = (
+                tuple(cli_value or ()) if option.kind == "multi" else cli_value,
+                "command line",
+            )
+        elif option.env and environ.get(option.env) is not None:
+            values[name], sources[name] = _convert(option, environ[option.env]), f"${option.env}"
+        elif option.matrix_key and matrix is not None and matrix.get(option.matrix_key) is not None:
+            values[name], sources[name] = matrix[option.matrix_key], f"matrix.yaml {option.matrix_key}"
+        else:
+            default = bool(option.default) if option.kind == "flag" else option.default
+            values[name], sources[name] = default, "default"
+    return Settings(MappingProxyType(values), MappingProxyType(sources))

@@ -7,7 +7,7 @@ touched; every qwen-ft-bench* tag is removed at the end (BuildKit's cache is lef
 
   noop   (a) `qwen-ft-images build cpu` when the image is up to date (n=7) against
              `docker image inspect` of its 3 tags (n=7): target <= 2x. And the same check in
-             process (build.plan_jobs + build.run with a connected DockerEngine) against the
+             process (jobplan.plan_jobs + build.run with a connected DockerEngine) against the
              SDK's inspect of the 3 tags, since interpreter start-up dominates the CLI figure.
   cold   (b) cold builds of the cpu image (n=1 each) vs warm rebuilds where only a file under
              runtime/qwen_ft_runtime/ changed, i.e. only the final COPY layer (n=5). "Cold"
@@ -54,8 +54,9 @@ from _bench import (
 )
 
 from builder import build, config, knowledge, resolve
+from builder import jobs as jobplan
 from builder.engine import DockerEngine
-from builder.render import Project
+from builder.project import Project
 
 BENCH_IMAGE = "qwen-ft-bench"
 COLD_IMAGE = "qwen-ft-bench-cold"
@@ -175,30 +176,30 @@ class Bench:
         )
 
         # In process: what `build` does after start-up, against the SDK's own inspect.
-        proj = Project(project)
+        proj = Project.at(project)
         cfg = config.load(proj.matrix)
         kb = knowledge.load()
         res = resolve.resolve(cfg, kb)
         cells = resolve.select(res, ["cpu"])
-        options = build.BuildOptions(
-            base_map=build.parse_base_map(self.args.base_map),
+        options = jobplan.BuildOptions(
+            base_map=jobplan.parse_base_map(self.args.base_map),
             wheelhouse=self.args.wheelhouse,
             ca_bundle=self.args.ca_bundle,
         )
         engine = DockerEngine(self.docker)
         engine.check()
-        jobs = build.plan_jobs(proj, res, kb, cells, options)
+        jobs = jobplan.plan_jobs(proj, res, kb, cells, options)
         assert [j.tags for j in jobs] == [tuple(tags)], "in-process plan disagrees with the CLI's tags"
 
         def plan() -> None:
-            build.plan_jobs(proj, res, kb, cells, options)
+            jobplan.plan_jobs(proj, res, kb, cells, options)
 
         def noop_run() -> None:
             results = build.run(proj, jobs, engine, options)
             assert all(r.status == "up-to-date" for r in results), results
 
         def plan_and_run() -> None:
-            plan = build.plan_jobs(proj, res, kb, cells, options)
+            plan = jobplan.plan_jobs(proj, res, kb, cells, options)
             results = build.run(proj, plan, engine, options)
             assert all(r.status == "up-to-date" for r in results), results
 

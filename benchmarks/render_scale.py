@@ -3,7 +3,7 @@
 
 A temporary copy of the project (templates/, runtime/) gets a generated matrix.yaml: one
 target per compute capability the knowledge base knows (more, renamed, if needed), each
-with valid include cells picked by builder.resolve.check_and_plan from every torch x CUDA
+with valid include cells picked by builder.resolve.check from every torch x CUDA
 x Python x flash-attn version the knowledge base lists. Then it times, in process (n=5
 after one warm-up), config.load, resolve, render_all (in memory) and render.write, and the
 CLI end to end (`render` writing every file into an empty images/, `render` with images/
@@ -45,7 +45,7 @@ from _bench import (
 
 from builder import config, knowledge, render, resolve
 from builder.config import CellSpec
-from builder.render import Project
+from builder.project import Project
 
 TARGET_S = 2.0
 
@@ -72,7 +72,7 @@ def synthetic_matrix(kb: knowledge.Knowledge, cells: int) -> tuple[dict[str, obj
         valid = []
         for cuda, torch, python, fa in combos:
             spec = CellSpec(target=target.name, cuda=cuda, torch=torch, python=python, flash_attn=fa)
-            cell = resolve.check_and_plan(kb, target, spec, dtype=None, origin="include")
+            cell = resolve.check(kb, target, spec, dtype=None, origin="include")
             if cell.valid:
                 valid.append({"cuda": cuda, "torch": torch, "python": python, "flash_attn": fa})
         if valid:
@@ -114,7 +114,7 @@ def synthetic_matrix(kb: knowledge.Knowledge, cells: int) -> tuple[dict[str, obj
 
 
 def in_process(matrix: Path, kb: knowledge.Knowledge, n: int, label: str) -> tuple[list[Sample], int]:
-    project = Project(matrix.parent)
+    project = Project.at(matrix.parent)
     cfg = config.load(matrix)
     res = resolve.resolve(cfg, kb)
     files = render.render_all(project, res, kb)
@@ -236,7 +236,7 @@ def main() -> None:
         if args.profile:
             prof = cProfile.Profile()
             prof.enable()
-            render.render_all(Project(big), resolve.resolve(config.load(big / "matrix.yaml"), kb), kb)
+            render.render_all(Project.at(big), resolve.resolve(config.load(big / "matrix.yaml"), kb), kb)
             prof.disable()
             out = io.StringIO()
             pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(25)

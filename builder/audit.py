@@ -475,7 +475,7 @@ def find_cuobjdump(
             last = next((line for line in reversed(tail) if "ignored" not in line), "no output")
             raise ConfigError(
                 f"the audit needs cuobjdump, and `pip download {CUOBJDUMP_PACKAGE}=={CUOBJDUMP_VERSION}` "
-                f"failed ({last.strip()[:160]}); offline, pass --wheelhouse DIR holding "
+                f"failed ({last.strip()[:160]}); offline, pass --cuobjdump-wheelhouse DIR holding "
                 f"{wheel_filename(machine)}, or --cuobjdump PATH"
             )
         digest = hashlib.sha256(wheel.read_bytes()).hexdigest()

@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from packaging.specifiers import SpecifierSet
 
 from builder import audit, audit_probe
 from builder.audit import Arch, Listing
 from builder.engine import ContainerRun
 from builder.errors import ConfigError, EngineError
+from builder.knowledge.waivers import Waiver, load_waivers
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "cuobjdump"
@@ -181,7 +183,7 @@ def test_libtorch_fails_for_pascal_with_a_clear_row() -> None:
 
 
 def test_cufftw_stub_is_waived_by_the_knowledge_base() -> None:
-    waivers = audit.load_waivers()
+    waivers = load_waivers()
     v = audit.judge_binary(
         70,
         "/x/nvidia/cufft/lib/libcufftw.so.11",
@@ -196,7 +198,7 @@ def test_cufftw_stub_is_waived_by_the_knowledge_base() -> None:
 
 
 def test_waiver_sm_specifier() -> None:
-    w = audit.Waiver("w", "pkg", "lib*.so", audit.SpecifierSet("<80"), "why", "src")
+    w = Waiver("w", "pkg", "lib*.so", SpecifierSet("<80"), "why", "src")
     assert w.applies("pkg", "/a/libx.so", 75)
     assert not w.applies("pkg", "/a/libx.so", 80)
     assert not w.applies("other", "/a/libx.so", 75)
@@ -208,7 +210,7 @@ def test_cuobjdump_error_without_listing_is_an_error_verdict() -> None:
 
 
 def test_whole_recorded_image_passes_for_v100() -> None:
-    verdicts = audit.judge_probe(70, probe_json(), audit.load_waivers())
+    verdicts = audit.judge_probe(70, probe_json(), load_waivers())
     assert len(verdicts) == 20
     assert [v.short_path for v in verdicts if v.status == "waived"] == ["nvidia/cufft/lib/libcufftw.so.11"]
     assert all(v.ok for v in verdicts)
@@ -220,12 +222,12 @@ def test_whole_recorded_image_passes_for_v100() -> None:
 
 
 def test_whole_recorded_image_fails_for_pascal_on_libtorch_only() -> None:
-    verdicts = audit.judge_probe(60, probe_json(), audit.load_waivers())
+    verdicts = audit.judge_probe(60, probe_json(), load_waivers())
     assert [v.short_path for v in verdicts if not v.ok] == ["torch/lib/libtorch_cuda.so"]
 
 
 def test_whole_recorded_image_fails_for_thor() -> None:
-    verdicts = audit.judge_probe(110, probe_json(), audit.load_waivers())
+    verdicts = audit.judge_probe(110, probe_json(), load_waivers())
     failed = {v.short_path for v in verdicts if not v.ok}
     assert "torch/lib/libtorch_cuda.so" in failed and len(failed) == 12
     # Libraries with PTX below compute_110 still serve Thor through the JIT.
@@ -235,7 +237,7 @@ def test_whole_recorded_image_fails_for_thor() -> None:
 
 @pytest.mark.parametrize("sm", [75, 80, 86, 89, 90, 100, 103, 120, 121])
 def test_whole_recorded_image_serves_every_arch_torch_builds_for(sm: int) -> None:
-    assert all(v.ok for v in audit.judge_probe(sm, probe_json(), audit.load_waivers()))
+    assert all(v.ok for v in audit.judge_probe(sm, probe_json(), load_waivers()))
 
 
 def test_binaries_without_device_code_are_dropped() -> None:
@@ -412,7 +414,7 @@ def test_offline_without_wheelhouse_is_one_clear_line(tmp_path: Path) -> None:
         audit.find_cuobjdump("x86_64", tmp_path / "cache", run=offline)
     assert exc.value.exit_code == 2
     assert "\n" not in exc.value.message
-    assert "--wheelhouse DIR" in exc.value.message and "--cuobjdump PATH" in exc.value.message
+    assert "--cuobjdump-wheelhouse DIR" in exc.value.message and "--cuobjdump PATH" in exc.value.message
     assert "Could not find a version" in exc.value.message
 
 
@@ -584,5 +586,5 @@ def test_cli_bad_sm_is_exit_2_before_docker() -> None:
 def test_cli_help_lists_the_options() -> None:
     proc = run_cli("audit", "--help")
     assert proc.returncode == 0
-    for option in ("--sm", "--json", "--wheelhouse", "--cuobjdump", "--image", "--timeout"):
+    for option in ("--sm", "--json", "--cuobjdump-wheelhouse", "--cuobjdump", "--image", "--timeout"):
         assert option in proc.stdout

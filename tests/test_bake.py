@@ -15,6 +15,7 @@ import pytest
 from docker_support import copy_project
 
 from builder import bake, config, knowledge, render, resolve
+from builder.project import Project
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,7 +95,7 @@ def test_in_sync_with_render_and_ci(baked: tuple[Path, dict[str, Any]]) -> None:
     project, data = baked
     kb = knowledge.load()
     res = resolve.resolve(config.load(project / "matrix.yaml"), kb)
-    files = render.render_all(render.Project(project), res, kb)
+    files = render.render_all(Project.at(project), res, kb)
     ci = subprocess.run(
         [sys.executable, "-m", "builder", "ci-matrix", "--json", "--registry", "ghcr.io/acme"],
         cwd=project,
@@ -109,7 +110,7 @@ def test_in_sync_with_render_and_ci(baked: tuple[Path, dict[str, Any]]) -> None:
         target = data["target"][bake.target_name(cell.id)]
         dockerfile = (project / target["context"] / target["dockerfile"]).resolve()
         assert dockerfile == (project / "images" / cell.id / "Dockerfile").resolve()
-        assert dockerfile.read_text() == files[render.Project(project).dockerfile(cell)]
+        assert dockerfile.read_text() == files[Project.at(project).dockerfile(cell.id)]
         assert target["tags"][:-1] == [f"ghcr.io/acme/{t}" for t in cell.plan.tags]
         assert target["tags"][-1] == hash_tags[cell.id]
         assert target["args"]["BASE_IMAGE"] == cell.plan.base_image

@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 
 from builder import build, config, knowledge, resolve
-from builder.content import HASH_LABEL, content_hash
+from builder import jobs as jobplan
+from builder.content import content_hash
+from builder.contract import CONTENT_HASH as HASH_LABEL
 from builder.engine import BuildOutcome, BuildRequest, DockerEngine, _summarise_error, split_ref
 from builder.errors import EngineError, RegistryError
-from builder.render import Project
+from builder.project import Project
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,31 +87,31 @@ class FakeEngine:
         self.images.pop(ref, None)
 
 
-def plan(project_root: Path = ROOT, options: build.BuildOptions | None = None) -> list[build.BuildJob]:
-    project = Project(project_root)
+def plan(project_root: Path = ROOT, options: jobplan.BuildOptions | None = None) -> list[jobplan.BuildJob]:
+    project = Project.at(project_root)
     cfg = config.load(project.matrix)
     kb = knowledge.load()
     res = resolve.resolve(cfg, kb)
-    return build.plan_jobs(project, res, kb, res.cells, options or build.BuildOptions())
+    return jobplan.plan_jobs(project, res, kb, res.cells, options or jobplan.BuildOptions())
 
 
 @pytest.fixture
 def project(project_copy: Path) -> Project:
-    return Project(project_copy)
+    return Project.at(project_copy)
 
 
 def test_base_map_rules() -> None:
-    rules = build.parse_base_map(
+    rules = jobplan.parse_base_map(
         ["nvidia/cuda:*=mirror.local/nvidia/cuda:*", "debian:bookworm-slim=local/deb:1"]
     )
     assert (
-        build.map_base("nvidia/cuda:12.6.3-base-ubuntu24.04", rules)
+        jobplan.map_base("nvidia/cuda:12.6.3-base-ubuntu24.04", rules)
         == "mirror.local/nvidia/cuda:12.6.3-base-ubuntu24.04"
     )
-    assert build.map_base("debian:bookworm-slim", rules) == "local/deb:1"
-    assert build.map_base("python:3.11", rules) == "python:3.11"
+    assert jobplan.map_base("debian:bookworm-slim", rules) == "local/deb:1"
+    assert jobplan.map_base("python:3.11", rules) == "python:3.11"
     with pytest.raises(Exception, match="PATTERN=REPLACEMENT"):
-        build.parse_base_map(["nvidia/cuda"])
+        jobplan.parse_base_map(["nvidia/cuda"])
 
 
 def test_plan_tags_and_hash() -> None:
@@ -129,7 +131,9 @@ def test_base_map_changes_the_content_hash() -> None:
     plain = {j.name: j.digest for j in plan()}
     mapped = {
         j.name: j.digest
-        for j in plan(options=build.BuildOptions(base_map=build.parse_base_map(["nvidia/cuda:*=m/cuda:*"])))
+        for j in plan(
+            options=jobplan.BuildOptions(base_map=jobplan.parse_base_map(["nvidia/cuda:*=m/cuda:*"]))
+        )
     }
     assert plain["cpu-fp32"] == mapped["cpu-fp32"]
     assert plain["v100-fp16"] != mapped["v100-fp16"]
@@ -149,14 +153,14 @@ def test_changing_one_target_changes_only_its_hash(project_copy: Path) -> None:
 def test_run_builds_then_skips_when_up_to_date(project: Project) -> None:
     engine = FakeEngine()
     jobs = plan(project.root)
-    results = build.run(project, jobs, engine, build.BuildOptions(jobs=3))
+    results = build.run(project, jobs, engine, jobplan.BuildOptions(jobs=3))
     assert all(r.status == "built" for r in results)
     assert sum(1 for c in engine.calls if c[0] == "build") == len(jobs)
     for job in jobs:
         ids = {engine.image_id(t) for t in job.tags}
         assert len(ids) == 1, "alias, pinned and hash tag name one image"
     engine.calls.clear()
-    again = build.run(project, jobs, engine, build.BuildOptions(jobs=3))
+    again = build.run(project, jobs, engine, jobplan.BuildOptions(jobs=3))
     assert all(r.status == "up-to-date" for r in again)
     assert engine.calls == [], "no build and no re-tag when nothing changed"
 
@@ -167,7 +171,7 @@ def test_failure_does_not_tag_and_others_continue(project: Project) -> None:
     old_id = "sha256:previous-good"
     engine.images[old_id] = (old_id, {})
     engine.images["qwen-ft:v100-fp16"] = (old_id, {})
-    results = {r.image: r for r in build.run(project, jobs, engine, build.BuildOptions())}
+    results = {r.image: r for r in build.run(project, jobs, engine, jobplan.BuildOptions())}
     assert results["cpu-fp32"].status == "built"
     failed = results["v100-fp16"]
     assert failed.status == "failed"
@@ -180,7 +184,7 @@ def test_failure_does_not_tag_and_others_continue(project: Project) -> None:
 def test_fail_fast_skips_the_rest(project: Project) -> None:
     jobs = plan(project.root)
     engine = FakeEngine(fail={jobs[0].name})
-    results = build.run(project, jobs, engine, build.BuildOptions(jobs=1, fail_fast=True))
+    results = build.run(project, jobs, engine, jobplan.BuildOptions(jobs=1, fail_fast=True))
     assert results[0].status == "failed"
     assert {r.status for r in results[1:]} == {"skipped"}
 
@@ -188,7 +192,7 @@ def test_fail_fast_skips_the_rest(project: Project) -> None:
 def test_push_is_verified_and_pinned_tags_are_immutable(project: Project) -> None:
     (job,) = [j for j in plan(project.root) if j.name == "cpu-fp32"]
     engine = FakeEngine()
-    opts = build.BuildOptions(push=True, registry="127.0.0.1:5000/team")
+    opts = jobplan.BuildOptions(push=True, registry="127.0.0.1:5000/team")
     (first,) = build.run(project, [job], engine, opts)
     assert first.ok and len(first.pushed) == 3
     assert ("pull", "127.0.0.1:5000/team/qwen-ft:cpu-fp32") in engine.calls
@@ -199,7 +203,7 @@ def test_push_is_verified_and_pinned_tags_are_immutable(project: Project) -> Non
     assert second.status == "failed"
     assert second.error is not None and "immutable" in second.error and "--force" in second.error
     (forced,) = build.run(
-        project, [job], engine, build.BuildOptions(push=True, registry=opts.registry, force=True)
+        project, [job], engine, jobplan.BuildOptions(push=True, registry=opts.registry, force=True)
     )
     assert forced.ok
 
@@ -208,7 +212,7 @@ def test_stage_context_links_wheels(project: Project, tmp_path: Path) -> None:
     wheels = tmp_path / "wh"
     wheels.mkdir()
     (wheels / "torch-0-py3-none-any.whl").write_bytes(b"x")
-    ctx = build.stage_context(project, build.BuildOptions(wheelhouse=wheels))
+    ctx = build.stage_context(project, jobplan.BuildOptions(wheelhouse=wheels))
     assert (ctx / "wheelhouse" / "torch-0-py3-none-any.whl").read_bytes() == b"x"
     assert (ctx / "runtime" / "qwen_ft_runtime" / "__init__.py").exists()
     assert not list(ctx.rglob("__pycache__"))
@@ -270,4 +274,4 @@ def test_stale_tags_keep_current_and_named_images() -> None:
         "qwen-ft:custom-cccccccccccc": "sha256:x",  # not a target of this matrix: kept
         "qwen-ft:latest": "sha256:y",
     }
-    assert build.stale_tags(jobs, local) == ["qwen-ft:cpu-0123456789ab", "qwen-ft:v100-bbbbbbbbbbbb"]
+    assert jobplan.stale_tags(jobs, local) == ["qwen-ft:cpu-0123456789ab", "qwen-ft:v100-bbbbbbbbbbbb"]

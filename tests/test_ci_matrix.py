@@ -14,10 +14,12 @@ from typing import Any
 import pytest
 import yaml
 
-from builder import build, ci, images, render, resolve
+from builder import ci, images, resolve
+from builder import jobs as jobplan
 from builder.config import MatrixConfig
 from builder.errors import RenderCheckError
 from builder.knowledge import Knowledge
+from builder.project import Project
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOW = ROOT / ".github" / "workflows" / "images.yml"
@@ -67,7 +69,7 @@ def test_hash_tags_match_the_build_engine(
 ) -> None:
     """CI tags an image with the same content hash `qwen-ft-images build` computes."""
     res = resolve.resolve(matrix, kb)
-    jobs = build.plan_jobs(render.Project(ROOT), res, kb, res.cells, build.BuildOptions())
+    jobs = jobplan.plan_jobs(Project.at(ROOT), res, kb, res.cells, jobplan.BuildOptions())
     assert [e["hash_tag"] for e in include] == [f"ghcr.io/acme/{j.hash_ref}" for j in jobs]
     assert [e["content_hash"] for e in include] == [j.digest for j in jobs]
 
@@ -88,7 +90,7 @@ def test_stale_dockerfile_is_refused(project_copy: Path, kb: Knowledge) -> None:
     dockerfile.write_text(dockerfile.read_text() + "# hand edit\n")
     res = resolve.resolve(config.load(project_copy / "matrix.yaml"), kb)
     with pytest.raises(RenderCheckError, match=r"images/t4-fp16/Dockerfile \(differs\)"):
-        images.facts(render.Project(project_copy), res, kb, res.cells)
+        images.facts(Project.at(project_copy), res, kb, res.cells, registry="")
     proc = cli("-f", str(project_copy / "matrix.yaml"), "ci-matrix", "--json")
     assert proc.returncode == 4 and "render" in proc.stderr
 
@@ -128,7 +130,7 @@ def images_facts_first() -> images.ImageFacts:
 
     kb = knowledge.load()
     res = resolve.resolve(config.load(ROOT / "matrix.yaml"), kb)
-    return images.facts(render.Project(ROOT), res, kb, res.cells[:1])[0]
+    return images.facts(Project.at(ROOT), res, kb, res.cells[:1], registry="")[0]
 
 
 def test_pull_requests_build_without_push() -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from docker_support import Built, cli, copy_project, docker
 
-from builder import chart, comparison
+from builder import chart, comparison, contract
 from builder.comparison import Combination, Hardware, Subject
 from builder.engine import ContainerRun
 from builder.errors import ConfigError
@@ -39,7 +39,7 @@ def png_size(path: Path) -> tuple[int, int]:
 
 def compare(project: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """`qwen-ft-images compare ...` in a fresh interpreter: real exit codes and stderr."""
-    env = {k: v for k, v in os.environ.items() if k not in comparison.PLAN_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in contract.ENV_VARS.values()}
     return subprocess.run(
         [sys.executable, "-m", "builder", "--matrix", str(project / "matrix.yaml"), "compare", *args],
         capture_output=True,

@@ -268,7 +268,7 @@ def test_t4_on_535_falls_back_to_a_cuda12_cell(kb: Knowledge, res: resolve.Resol
     assert fb is not None and fb.cell.spec.cuda.startswith("12.") and fb.min_driver == "525.60.13"
     assert fb.built is False  # not in matrix.yaml: doctor says how to add it
     assert fb.explain_command().startswith("qwen-ft-images explain t4 --cuda 12.")
-    cell = resolve.check_and_plan(kb, res.config.targets["t4"], fb.cell.spec, dtype=None, origin="test")
+    cell = resolve.check(kb, res.config.targets["t4"], fb.cell.spec, dtype=None, origin="test")
     assert cell.valid  # the proposal is a cell `explain` accepts
     assert gpu.run_command is not None and fb.tag in gpu.run_command and report.ok
     assert any("include:" in n for n in gpu.notes)

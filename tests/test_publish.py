@@ -171,7 +171,7 @@ def test_report_writes_pages_and_index(tmp_path: Path) -> None:
 def test_report_command(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from builder.cli import Context
+    from builder.commands.common import Context
     from builder.commands.report import command
 
     root = Path(__file__).resolve().parent.parent

@@ -11,12 +11,13 @@ import pytest
 
 from builder import config, knowledge, render, resolve
 from builder.errors import ConfigError, RenderCheckError
+from builder.project import Project
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def rendered(root: Path) -> dict[Path, str]:
-    project = render.Project(root)
+    project = Project.at(root)
     cfg = config.load(project.matrix)
     kb = knowledge.load()
     return render.render_all(project, resolve.resolve(cfg, kb), kb)
@@ -40,7 +41,7 @@ def test_check_names_each_changed_file(project_copy: Path) -> None:
     (project_copy / "images" / "stale-image").mkdir()
     (project_copy / "images" / "stale-image" / "Dockerfile").write_text("FROM scratch\n")
     (project_copy / "images" / "cpu-fp32" / "Dockerfile").unlink()
-    project = render.Project(project_copy)
+    project = Project.at(project_copy)
     with pytest.raises(RenderCheckError) as err:
         render.check(project, rendered(project_copy))
     msg = err.value.message
@@ -61,7 +62,7 @@ def test_check_names_each_changed_file(project_copy: Path) -> None:
 
 
 def test_matrix_change_rerenders_only_that_image(project_copy: Path) -> None:
-    project = render.Project(project_copy)
+    project = Project.at(project_copy)
     matrix = project.matrix
     matrix.write_text(
         matrix.read_text().replace("  t4:\n    sm: 75\n", '  t4:\n    sm: 75\n    axes: {torch: ["2.8.0"]}\n')

@@ -29,7 +29,7 @@ def check(
     if triton is not None:
         t = replace(t, triton=triton)
     spec = CellSpec(target=target, cuda=cuda, torch=torch, python=python, flash_attn=fa)
-    return resolve.check_and_plan(kb, t, spec, dtype=dtype, origin="test")
+    return resolve.check(kb, t, spec, dtype=dtype, origin="test")
 
 
 INVALID = [

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from builder import cli, hostprobe, resolve
-from builder.commands import smoke
+from builder import smoke
 from builder.engine import ContainerRun
 from builder.hostprobe import GpuInfo, GpuProbe
 
@@ -411,7 +411,7 @@ def test_gpu_images_get_the_kernel_audit_step() -> None:
     """The audit runs as a third step for GPU images; its failures name the binary."""
     from types import SimpleNamespace
 
-    from builder.commands import smoke as smoke_mod
+    from builder import smoke as smoke_mod
 
     assert smoke_mod.audit_step(None, "cuobjdump missing").failures == ["audit:unavailable"]
     bad = SimpleNamespace(

@@ -221,8 +221,9 @@ def test_audit_fails_for_pascal_with_one_clear_row(v100: E2E) -> None:
 
 
 def test_report_page(v100: E2E) -> None:
-    from builder.cli import Context
-    from builder.commands.report import plans_of, report
+    from builder.commands.common import Context
+    from builder.commands.report import plans_of
+    from builder.publish import publish as report
 
     context = Context(matrix_path=v100.project / "matrix.yaml", debug=False)
     md_path, html_path, rows = report(context.project, plans_of(context))

@@ -46,6 +46,7 @@ smoke: deps
 lint: deps-dev
 	$(PY) -m ruff check builder runtime tests benchmarks
 	$(PY) -m ruff format --check builder runtime tests benchmarks
+	lint-imports --no-cache
 
 typecheck: deps-dev
 	$(PY) -m mypy

@@ -53,7 +53,7 @@ from _bench import (
     time_command,
 )
 
-from builder import build, config, knowledge, resolve
+from builder import build, config, content, knowledge, resolve
 from builder import jobs as jobplan
 from builder.engine import DockerEngine
 from builder.project import Project
@@ -209,7 +209,9 @@ class Bench:
         api = engine.client.api
         in_proc = [
             time_call("plan_jobs (render + content hash)", plan, n),
-            time_call("stage_context (build/context/)", lambda: build.stage_context(proj, options), n),
+            time_call(
+                "stage_context (build/context/)", lambda: content.stage_context(proj, options.wheelhouse), n
+            ),
             time_call("run() on an up-to-date plan", noop_run, n),
             time_call("plan_jobs + run() (the in-process no-op)", plan_and_run, n),
             time_call("DockerEngine() + check() (connect, version, BuildKit probe)", fresh_engine, n),

@@ -25,18 +25,22 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 import zipfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from packaging.version import InvalidVersion, Version
 
 from builder import contract
 from builder.engine import ContainerEngine, parse_json_lines
-from builder.errors import ConfigError, EngineError
+from builder.errors import AuditFailed, ConfigError, EngineError
 from builder.knowledge.waivers import Waiver, load_waivers
+
+if TYPE_CHECKING:
+    from builder.project import Project
 
 MOUNT = "/opt/qwen-ft-audit"
 DEFAULT_TIMEOUT_S = 900.0
@@ -329,7 +333,7 @@ class AuditResult:
     image: str  # what the user named: a cell id or an image ref
     ref: str
     image_id: str | None
-    target: str | None  # the io.qwen-ft.target label
+    target: str | None  # the image's target label
     sm: int | None  # None: a CPU image, nothing to audit
     sm_source: str  # "label" | "--sm"
     binaries: tuple[BinaryVerdict, ...] = ()
@@ -559,7 +563,7 @@ def audit_image(
     timeout: float = DEFAULT_TIMEOUT_S,
     labels: Mapping[str, str] | None = None,
 ) -> AuditResult:
-    """Audit one image against `sm` (default: its io.qwen-ft.sm label).
+    """Audit one image against `sm` (default: its SM label).
 
     Raises ConfigError (exit 2) for a missing or foreign image or a missing cuobjdump, and
     EngineError (exit 5) when the probe cannot run; a failing verdict is in the result
@@ -615,3 +619,64 @@ def write_report(build: Path, report: Mapping[str, Any]) -> Path:
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)
     return path
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def execute(
+    project: Project,
+    targets: Sequence[tuple[str, str]],
+    sm: str | None,
+    *,
+    docker: str,
+    wheelhouse: Path | None,
+    cuobjdump: Path | None,
+    timeout: float,
+    on_image: Callable[[str, str, AuditResult | None], None],
+) -> tuple[list[AuditResult], dict[str, Any]]:
+    """Check every (name, ref) is built, audit each in turn, and return the results and report."""
+    from builder.engine import CommandLog, DockerEngine
+
+    engine = DockerEngine(docker, CommandLog(project.logs / "commands.sh"))
+    # Not engine.check(): that also insists on BuildKit, which running a container does not need.
+    engine_version = str(engine.client.version().get("Version", "unknown"))
+    missing = [ref for _, ref in targets if engine.image_labels(ref) is None]
+    if missing:
+        names = " ".join(name for name, ref in targets if ref in missing and name != ref)
+        hint = f"; run qwen-ft-images build {names}" if names else ""
+        raise ConfigError(f"not built: {', '.join(missing)}{hint}")
+    started = time.time()
+    labels = {contract.AUDIT_RUN: uuid.uuid4().hex[:12]}
+    results: list[AuditResult] = []
+    for name, ref in targets:
+        on_image(name, ref, None)
+        result = audit_image(
+            engine,
+            ref,
+            sm,
+            name=name,
+            cache_dir=project.build / "cache" / "audit",
+            wheelhouse=wheelhouse,
+            cuobjdump=cuobjdump,
+            timeout=timeout,
+            labels=labels,
+        )
+        results.append(result)
+        on_image(name, ref, result)
+    meta = {"command": "audit", "started": started, "seconds": round(time.time() - started, 2)}
+    return results, report_json(results, {**meta, "engine": engine_version})
+
+
+def raise_for_failures(results: Sequence[AuditResult]) -> None:
+    failed = [r for r in results if not r.ok]
+    if not failed:
+        return
+    lines = [line for r in failed for line in failure_lines(r)]
+    more = f" (+{len(lines) - 3} more)" if len(lines) > 3 else ""
+    count = sum(len(r.failures) for r in failed)
+    raise AuditFailed(
+        f"{count} {'binary lacks' if count == 1 else 'binaries lack'} kernels for the target GPU: "
+        + "; ".join(lines[:3])
+        + more
+    )

@@ -10,9 +10,7 @@ Safety rules this module keeps:
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -22,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from builder import contract
+from builder.content import stage_context
 from builder.contract import qualify
 from builder.engine import BuildRequest, DockerEngine, Engine
 from builder.errors import RegistryError
@@ -52,30 +51,6 @@ class ImageResult:
 
 
 # ----------------------------------------------------------------------------- preparing
-
-
-def stage_context(project: Project, options: BuildOptions) -> Path:
-    """build/context/: runtime/ plus wheelhouse/ (bind-mounted by the Dockerfiles, never copied in)."""
-    ctx = project.context
-    runtime = ctx / "runtime"
-    if runtime.exists():
-        shutil.rmtree(runtime)
-    shutil.copytree(
-        project.runtime, runtime, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    )
-    wheels = ctx / "wheelhouse"
-    if wheels.exists():
-        shutil.rmtree(wheels)
-    wheels.mkdir(parents=True)
-    if options.wheelhouse is not None:
-        for src in sorted(options.wheelhouse.iterdir()):
-            if src.is_file():
-                dst = wheels / src.name
-                try:
-                    os.link(src, dst)  # no copy of multi-GB wheels when on the same filesystem
-                except OSError:
-                    shutil.copy2(src, dst)
-    return ctx
 
 
 def proxies(options: BuildOptions) -> dict[str, str]:
@@ -137,7 +112,7 @@ def run(
     """Build what changed, in parallel; tag on success; push if asked. Never raises for one image."""
     cancel = cancel or threading.Event()
     logs = project.logs
-    context = stage_context(project, options)
+    context = stage_context(project, options.wheelhouse)
     results = {job.name: ImageResult(image=job.name, log=str(logs / f"{job.name}.log")) for job in jobs}
     lock = threading.Lock()
 

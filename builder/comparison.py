@@ -7,7 +7,7 @@ speed. Four stages, each testable alone:
 * planning (`choose_hardware`, `plan_combinations`, pure): which device the steps run on and
   which combinations it cannot run (skipped, with the reason), from the host's GPUs (hostprobe)
   and the image's labels;
-* running (`run_combinations`): one runtime `smoke` process per combination, in a container of
+* running (`run_all`): one runtime `smoke` process per combination, in a container of
   the image or (`--native`) on this host's python, through an `Executor`. One process each so
   that a process-wide peak (CPU RSS) is per combination, and a crash or NaN in one leaves the
   others untouched; the price is one interpreter start (a few seconds) per combination;
@@ -403,7 +403,7 @@ class CombinationResult:
 
 
 _NONFINITE_STEP = re.compile(r"\bat step (\d+)\b")
-_USAGE_PREFIX = re.compile(r"^qwen-ft-runtime \w+: error: ")
+_USAGE_PREFIX = re.compile(rf"^{re.escape(contract.ENTRY_POINT)} \w+: error: ")
 
 
 def skipped(combo: Combination) -> CombinationResult:

@@ -1,4 +1,5 @@
-"""Content addressing: the hash that decides whether an image must be rebuilt.
+"""The build context: what is staged for the Dockerfiles, and the content hash that decides
+whether an image must be rebuilt.
 
 The hash covers exactly what determines the image's bytes: the rendered
 Dockerfile, every file of the build context (the runtime package), and the build
@@ -10,10 +11,15 @@ out: they change how bytes are fetched, not which bytes end up in the image.
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-HASH_LABEL = "io.qwen-ft.content-hash"
+if TYPE_CHECKING:
+    from builder.project import Project
+
 _SKIP_DIRS = {"__pycache__", ".mypy_cache", ".pytest_cache", ".ruff_cache"}
 _SKIP_SUFFIXES = {".pyc", ".pyo"}
 
@@ -42,3 +48,27 @@ def content_hash(dockerfile: str, context: Path, build_args: Mapping[str, str]) 
 def hash_tag(target: str, digest: str) -> str:
     """The immutable content tag, e.g. `v100-3f2a9c1d0b7e`."""
     return f"{target}-{digest[:12]}"
+
+
+def stage_context(project: Project, wheelhouse: Path | None) -> Path:
+    """build/context/: runtime/ plus wheelhouse/ (bind-mounted by the Dockerfiles, never copied in)."""
+    ctx = project.context
+    runtime = ctx / "runtime"
+    if runtime.exists():
+        shutil.rmtree(runtime)
+    shutil.copytree(
+        project.runtime, runtime, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    )
+    wheels = ctx / "wheelhouse"
+    if wheels.exists():
+        shutil.rmtree(wheels)
+    wheels.mkdir(parents=True)
+    if wheelhouse is not None:
+        for src in sorted(wheelhouse.iterdir()):
+            if src.is_file():
+                dst = wheels / src.name
+                try:
+                    os.link(src, dst)  # no copy of multi-GB wheels when on the same filesystem
+                except OSError:
+                    shutil.copy2(src, dst)
+    return ctx

@@ -165,7 +165,7 @@ class Report:
 
 
 def run_command(tag: str, device: int | None) -> str:
-    # No NVIDIA_DISABLE_REQUIRE here: the images set it, since their floor is io.qwen-ft.min-driver.
+    # No NVIDIA_DISABLE_REQUIRE here: the images set it, since their floor is their min-driver label.
     gpus = f"--gpus '\"device={device}\"' " if device is not None else ""
     return f"docker run {gpus}--rm -it {tag} {SMOKE}"
 

@@ -30,6 +30,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from packaging.version import InvalidVersion, Version
 
 from builder.errors import EngineError, Interrupted, RegistryError
+from builder.options import BY_NAME
+
+DOCKER_ENV = BY_NAME["docker"].env
 
 if TYPE_CHECKING:
     import docker
@@ -109,13 +112,13 @@ class ContainerEngine(Protocol):
 
 
 def docker_executable(configured: str | None) -> str:
-    # Resolved by builder.options (--docker > $QWEN_FT_DOCKER > "docker"); None is the default.
+    # builder.options resolved --docker, its env var and the default already.
     exe = configured or "docker"
     found = shutil.which(exe)
     if found is None:
         raise EngineError(
             f"docker executable '{exe}' not found; install the Docker CLI or pass --docker PATH "
-            "(or set QWEN_FT_DOCKER)"
+            f"(or set {DOCKER_ENV})"
         )
     return found
 

@@ -21,7 +21,7 @@ from builder.resolve import Cell, Resolution
 # The images are built for x86_64 only: the torch CUDA wheels, flash-attn's prebuilt
 # wheels and the nvidia/cuda tags the knowledge base records are all x86_64.
 BUILD_PLATFORM = "linux/amd64"
-CONTEXT_DIR = "context"  # build/context/, staged by builder.build.stage_context
+CONTEXT_DIR = "context"  # build/context/, staged by builder.content.stage_context
 
 
 def family(kb: Knowledge, cell: Cell) -> str:

@@ -47,7 +47,7 @@ class Project:
 
     @property
     def context(self) -> Path:
-        """build/context/: what the Dockerfiles see (staged by builder.build.stage_context)."""
+        """build/context/: what the Dockerfiles see (staged by builder.content.stage_context)."""
         return self.build / "context"
 
     @property

@@ -559,7 +559,7 @@ def _fa_plan(
         )
     archs = None
     if fa.cuda_archs_env:
-        same_major = [a for a in kb.fa_source_archs if a // 10 == target.sm // 10 and a <= target.sm]
+        same_major = [a for a in kb.fa_source_archs if contract.runs_on(a, target.sm)]
         archs = str(max(same_major)) if same_major else None
     builder = _cuda_image(kb, spec.cuda, "devel", distro)
     return FlashAttnPlan("source", fa.version, None, archs, builder), None

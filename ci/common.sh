@@ -27,8 +27,9 @@ REGISTRY_LOG="${REGISTRY_LOG:-$QWEN_FT_CI_LOG/registry.log}"
 REGISTRY_WAIT_S="${REGISTRY_WAIT_S:-30}"
 
 QWEN_FT_BASE_IMAGE="${QWEN_FT_BASE_IMAGE:-qwen-ft-local/debian:bookworm}"
-DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
-DEBIAN_SECURITY_MIRROR="${DEBIAN_SECURITY_MIRROR:-http://security.debian.org/debian-security}"
+# No mirror is named here: the base image uses the host's own apt sources (so a mirror
+# configured on the host is what the image gets too); DEBIAN_MIRROR overrides them.
+DEBIAN_MIRROR="${DEBIAN_MIRROR:-}"
 DEBIAN_SUITE="${DEBIAN_SUITE:-bookworm}"
 
 log() { printf '[%s %s] %s\n' "$(date -u +%H:%M:%S)" "${0##*/}" "$*" >&2; }

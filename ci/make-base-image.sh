@@ -32,8 +32,14 @@ ROOT=$(mktemp -d /var/tmp/qwen-ft-rootfs.XXXXXX)
 cleanup() { rm -rf --one-file-system "$ROOT"; }
 trap cleanup EXIT
 
-log "debootstrap --variant=minbase $DEBIAN_SUITE $ROOT $DEBIAN_MIRROR"
-if ! debootstrap --variant=minbase "$DEBIAN_SUITE" "$ROOT" "$DEBIAN_MIRROR" \
+# The host's configured repository for the suite, else debootstrap's own default.
+mirror=$DEBIAN_MIRROR
+if [[ -z $mirror ]]; then
+    mirror=$(apt-get indextargets --format '$(REPO_URI) $(RELEASE)' 2>/dev/null |
+        awk -v s="$DEBIAN_SUITE" '$2 == s {print $1; exit}')
+fi
+log "debootstrap --variant=minbase $DEBIAN_SUITE $ROOT ${mirror:-(the debootstrap default mirror)}"
+if ! debootstrap --variant=minbase "$DEBIAN_SUITE" "$ROOT" ${mirror:+"$mirror"} \
     >"$ROOT.log" 2>&1; then
     tail -n 30 "$ROOT.log" >&2
     [[ -f $ROOT/debootstrap/debootstrap.log ]] && tail -n 30 "$ROOT/debootstrap/debootstrap.log" >&2
@@ -42,21 +48,22 @@ fi
 rm -f "$ROOT.log"
 
 log "configuring the rootfs"
-# APT sources, the deb822 way the official image does it.
-rm -f "$ROOT/etc/apt/sources.list"
-cat >"$ROOT/etc/apt/sources.list.d/debian.sources" <<EOF
+# APT sources: the host's own (its mirror, its suites), or DEBIAN_MIRROR when given.
+rm -f "$ROOT/etc/apt/sources.list" "$ROOT"/etc/apt/sources.list.d/*
+if [[ -n $DEBIAN_MIRROR ]]; then
+    cat >"$ROOT/etc/apt/sources.list.d/debian.sources" <<EOF
 Types: deb
 URIs: $DEBIAN_MIRROR
 Suites: $DEBIAN_SUITE $DEBIAN_SUITE-updates
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-
-Types: deb
-URIs: $DEBIAN_SECURITY_MIRROR
-Suites: $DEBIAN_SUITE-security
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 EOF
+else
+    [[ -f /etc/apt/sources.list ]] && cp /etc/apt/sources.list "$ROOT/etc/apt/sources.list"
+    for f in /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+        [[ -f $f ]] && cp "$f" "$ROOT/etc/apt/sources.list.d/"
+    done
+fi
 
 # The same apt.conf.d snippets as the official debian images (debuerreotype).
 conf=$ROOT/etc/apt/apt.conf.d

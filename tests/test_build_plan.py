@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from builder import build, config, knowledge, resolve
+from builder import build, config, content, knowledge, resolve
 from builder import jobs as jobplan
 from builder.content import content_hash
 from builder.contract import CONTENT_HASH as HASH_LABEL
@@ -212,7 +212,7 @@ def test_stage_context_links_wheels(project: Project, tmp_path: Path) -> None:
     wheels = tmp_path / "wh"
     wheels.mkdir()
     (wheels / "torch-0-py3-none-any.whl").write_bytes(b"x")
-    ctx = build.stage_context(project, jobplan.BuildOptions(wheelhouse=wheels))
+    ctx = content.stage_context(project, wheels)
     assert (ctx / "wheelhouse" / "torch-0-py3-none-any.whl").read_bytes() == b"x"
     assert (ctx / "runtime" / "qwen_ft_runtime" / "__init__.py").exists()
     assert not list(ctx.rglob("__pycache__"))

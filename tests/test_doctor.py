@@ -552,7 +552,7 @@ def test_cli_bad_input_is_one_line(
 
 
 def test_doctor_is_fast(kb: Knowledge, res: resolve.Resolution) -> None:
-    """The fallback search runs check_and_plan over hundreds of cells; keep it interactive."""
+    """The fallback search runs resolve.check over hundreds of cells; keep it interactive."""
     import time
 
     started = time.perf_counter()

@@ -11,8 +11,7 @@ from typing import Any
 
 import pytest
 
-from builder import cli, hostprobe, resolve
-from builder import smoke
+from builder import cli, hostprobe, resolve, smoke
 from builder.engine import ContainerRun
 from builder.hostprobe import GpuInfo, GpuProbe
 

@@ -8,16 +8,13 @@ build/reports/audit.json, exit 9 when a binary has no code the target GPU can ru
 from __future__ import annotations
 
 import json
-import time
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from builder import contract
 from builder.commands.common import Context, interruptible, option, stderr_console
-from builder.errors import AuditFailed, ConfigError
+from builder.errors import ConfigError
 
 if TYPE_CHECKING:
     from builder.audit import AuditResult
@@ -65,94 +62,45 @@ def command(
     its SASS nor JIT its PTX. Exits 9 when a binary fails, 2 for an image this tool did not
     build (without --sm) or when cuobjdump cannot be had.
     """
-    settings = obj.settings(cli)
-    _command(
-        obj,
-        selectors,
-        refs,
-        sm,
-        settings["as_json"],
-        settings["cuobjdump_wheelhouse"],
-        settings["cuobjdump"],
-        timeout,
-        all_binaries,
-        settings["docker"],
-    )
-
-
-def _command(
-    obj: Context,
-    /,
-    selectors: tuple[str, ...],
-    refs: tuple[str, ...],
-    sm: str | None,
-    as_json: bool,
-    wheelhouse: Path | None,
-    cuobjdump_path: Path | None,
-    timeout: float,
-    all_binaries: bool,
-    docker_exe: str | None,
-) -> None:
     from builder import audit, resolve
-    from builder.engine import CommandLog, DockerEngine
 
     if timeout <= 0:
         raise ConfigError("--timeout must be positive")
     if sm is not None:
         audit.parse_sm(sm)  # a bad --sm fails before anything starts
+    settings = obj.settings(cli)
     targets: list[tuple[str, str]] = []  # (name, ref)
     project = obj.project
     if selectors or not refs:
         _, _, res = obj.load()
-        for cell in resolve.select(res, selectors):
-            targets.append((cell.id, cell.plan.tags[0]))
+        targets += [(cell.id, cell.plan.tags[0]) for cell in resolve.select(res, selectors)]
     targets += [(ref, ref) for ref in refs]
-    engine = DockerEngine(docker_exe, CommandLog(project.logs / "commands.sh"))
-    # Not engine.check(): that also insists on BuildKit, which running a container does not need.
-    engine_version = str(engine.client.version().get("Version", "unknown"))
-    missing = [ref for _, ref in targets if engine.image_labels(ref) is None]
-    if missing:
-        names = " ".join(name for name, ref in targets if ref in missing and name != ref)
-        hint = f"; run qwen-ft-images build {names}" if names else ""
-        raise ConfigError(f"not built: {', '.join(missing)}{hint}")
     console = stderr_console()
-    started = time.time()
-    labels = {contract.AUDIT_RUN: uuid.uuid4().hex[:12]}
-    results: list[AuditResult] = []
-    for name, ref in targets:
-        console.print(f"{name}: auditing {ref} …", markup=False)
-        result = audit.audit_image(
-            engine,
-            ref,
-            sm,
-            name=name,
-            cache_dir=project.build / "cache" / "audit",
-            wheelhouse=wheelhouse,
-            cuobjdump=cuobjdump_path,
-            timeout=timeout,
-            labels=labels,
-        )
-        results.append(result)
-        console.print(summary_line(result), markup=False)
-    meta = {"command": "audit", "started": started, "seconds": round(time.time() - started, 2)}
-    report = audit.report_json(results, {**meta, "engine": engine_version})
+
+    def on_image(name: str, ref: str, result: AuditResult | None) -> None:
+        if result is None:
+            console.print(f"{name}: auditing {ref} …", markup=False)
+        else:
+            console.print(summary_line(result), markup=False)
+
+    results, report = audit.execute(
+        project,
+        targets,
+        sm,
+        docker=settings["docker"],
+        wheelhouse=settings["cuobjdump_wheelhouse"],
+        cuobjdump=settings["cuobjdump"],
+        timeout=timeout,
+        on_image=on_image,
+    )
     path = audit.write_report(project.build, report)
     for result in results:
         if result.binaries and (all_binaries or not result.ok):
             console.print(table(result, only_failures=not all_binaries))
     console.print(f"report: {_rel(path, project.root)}", markup=False)
-    if as_json:
+    if settings["as_json"]:
         click.echo(json.dumps(report, indent=2))
-    failed = [r for r in results if not r.ok]
-    if failed:
-        lines = [line for r in failed for line in audit.failure_lines(r)]
-        more = f" (+{len(lines) - 3} more)" if len(lines) > 3 else ""
-        count = sum(len(r.failures) for r in failed)
-        raise AuditFailed(
-            f"{count} {'binary lacks' if count == 1 else 'binaries lack'} kernels for the target GPU: "
-            + "; ".join(lines[:3])
-            + more
-        )
+    audit.raise_for_failures(results)
 
 
 def _rel(path: Path, root: Path) -> str:

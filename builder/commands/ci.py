@@ -57,7 +57,7 @@ def bake(obj: Context, /, selectors: tuple[str, ...], output: Path, **cli: objec
     Run `docker buildx bake -f docker-bake.json [--push]` from the project root.
     """
     from builder import bake as baking
-    from builder import build, images, jobs, resolve
+    from builder import content, images, jobs, resolve
 
     cfg, kb, res = obj.load()
     settings = obj.settings(cli, cfg=cfg)
@@ -74,7 +74,7 @@ def bake(obj: Context, /, selectors: tuple[str, ...], output: Path, **cli: objec
     data = baking.bake_file(
         project, facts, registry=registry, ca_bundle=ca_bundle.resolve() if ca_bundle else None
     )
-    build.stage_context(project, options)
+    content.stage_context(project, options.wheelhouse)
     text = json.dumps(data, indent=2) + "\n"
     if str(output) == "-":
         click.echo(text, nl=False)

@@ -3,10 +3,11 @@ table, JSON output, and turning Ctrl-C into one line."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
@@ -82,18 +83,25 @@ def emit_json(data: Any, *, compact: bool = False) -> None:
         click.echo(json.dumps(data, indent=2, sort_keys=False))
 
 
+@contextlib.contextmanager
+def interrupt_as(message: str) -> Iterator[None]:
+    """Ctrl-C inside the block becomes `Interrupted(message)`: one line, exit 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        from builder.errors import Interrupted
+
+        raise Interrupted(message) from None
+
+
 def interruptible(message: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """Ctrl-C inside the command becomes `Interrupted(message)`: one line, exit 130."""
+    """`interrupt_as` around a whole command."""
 
     def wrap(func: Callable[P, R]) -> Callable[P, R]:
         @functools.wraps(func)
         def inner(*args: P.args, **kwargs: P.kwargs) -> R:
-            try:
+            with interrupt_as(message):
                 return func(*args, **kwargs)
-            except KeyboardInterrupt:
-                from builder.errors import Interrupted
-
-                raise Interrupted(message) from None
 
         return inner
 

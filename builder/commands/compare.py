@@ -11,17 +11,16 @@ import math
 import platform
 import time
 import uuid
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from builder.commands.common import Context, interruptible, option
+from builder.commands.common import Context, interrupt_as, option
 from builder.errors import ConfigError
 
 if TYPE_CHECKING:
-    from builder.comparison import Combination, CombinationResult, Executor, Hardware, Options
+    pass
 
 
 @click.command("compare")
@@ -153,7 +152,16 @@ def command(
             "note: matplotlib is not installed, so no chart: pip install 'qwen-ft-images[plot]'", err=True
         )
     started = time.time()
-    results = _run(combos, executor, options, hw, project.logs / "compare" / subject.name, project.root)
+    with interrupt_as("interrupted: the running combination was stopped; no report written"):
+        results = comparison.run_all(
+            combos,
+            executor,
+            options,
+            hw,
+            project.logs / "compare" / subject.name,
+            project.root,
+            say=lambda line: click.echo(line, err=True),
+        )
     meta = {
         "name": subject.name,
         "image": subject.image,
@@ -184,20 +192,4 @@ def command(
     click.echo("report: " + ", ".join(str(p.relative_to(project.root)) for p in written), err=True)
     comparison.raise_for_failures(
         subject.name, results, len(runnable), str(written[1].relative_to(project.root))
-    )
-
-
-@interruptible("interrupted: the running combination was stopped; no report written")
-def _run(
-    combos: Sequence[Combination],
-    executor: Executor,
-    options: Options,
-    hw: Hardware,
-    log_dir: Path,
-    root: Path,
-) -> list[CombinationResult]:
-    from builder import comparison
-
-    return comparison.run_all(
-        combos, executor, options, hw, log_dir, root, say=lambda s: click.echo(s, err=True)
     )

@@ -15,6 +15,7 @@ import yaml
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
+from builder import contract
 from builder.errors import KnowledgeError
 
 try:  # the C loader is ~10x faster; start-up time matters for `explain`
@@ -192,7 +193,7 @@ class Knowledge:
         """The properties of a compute capability; unknown minors fall back to the major's base."""
         if sm in self.archs:
             return self.archs[sm]
-        same_major = [a for a in self.archs.values() if a.sm // 10 == sm // 10 and a.sm < sm]
+        same_major = [a for a in self.archs.values() if a.sm != sm and contract.runs_on(a.sm, sm)]
         if same_major:
             return max(same_major, key=lambda a: a.sm)
         raise KnowledgeError(f"compute capability sm_{sm} is not in builder/knowledge/gpus.yaml")

@@ -26,8 +26,8 @@ def _positive_int(text: str) -> int:
 
 
 def _add_precision(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", choices=DTYPES, help="override the image's QWEN_FT_DTYPE")
-    parser.add_argument("--attn", choices=ATTNS, help="override the image's QWEN_FT_ATTN")
+    parser.add_argument("--dtype", choices=DTYPES, help=f"override the image's {ENV_VARS['dtype']}")
+    parser.add_argument("--attn", choices=ATTNS, help=f"override the image's {ENV_VARS['attn']}")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     parser.add_argument("--method", choices=("lora", "full"), default="lora")
     parser.add_argument("--seed", type=int, default=0)

@@ -65,7 +65,7 @@ def attn_problem(attn: str, dtype: str, capability: Capability, flash_attn_avail
 class Precision:
     dtype: str
     attn: str
-    # Where each value came from: "flag", "image" (QWEN_FT_DTYPE/QWEN_FT_ATTN) or "device".
+    # Where each value came from: "flag", "image" (its dtype/attention ENV) or "device".
     dtype_source: str
     attn_source: str
     # Why the image's planned values cannot run on this device; empty when they can.

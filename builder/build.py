@@ -27,6 +27,7 @@ from builder.errors import RegistryError
 from builder.fsio import write_atomic
 from builder.jobs import CA_SECRET_ID, BuildJob, BuildOptions
 from builder.project import Project
+from builder.proxy import redact
 
 
 @dataclass
@@ -324,11 +325,3 @@ def _public(d: dict[str, Any]) -> dict[str, Any]:
     d.pop("step", None)
     d["seconds"] = round(float(d["seconds"]), 2)
     return d
-
-
-def redact(url: str | None) -> str | None:
-    """Proxy URLs may carry credentials: keep them out of reports."""
-    if not url or "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.split('@', 1)[1]}"

@@ -71,6 +71,12 @@ class AuditFailed(FatalError):
     exit_code = 9
 
 
+class Busy(FatalError):
+    """Another build of the same project holds its lock (build/.lock)."""
+
+    exit_code = 10
+
+
 class Interrupted(FatalError):
     """The run was interrupted (Ctrl-C) and cleaned up."""
 

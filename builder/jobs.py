@@ -13,8 +13,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder import contract, names
-from builder.content import content_hash, hash_tag
+from builder import contract, names, proxy
+from builder.content import check_wheelhouse, content_hash, hash_tag
 from builder.errors import ConfigError, RenderCheckError
 from builder.knowledge import Knowledge
 from builder.options import Settings
@@ -166,10 +166,14 @@ def check_committed(project: Project, jobs: Sequence[BuildJob]) -> None:
 def check_inputs(project: Project, options: BuildOptions) -> None:
     if options.registry:
         names.check_registry(options.registry, "--registry")
+    proxy.check("--http-proxy", options.http_proxy)
+    proxy.check("--https-proxy", options.https_proxy)
     if project.build.exists() and not project.build.is_dir():
         raise ConfigError(f"{project.build}: is a file, but build output goes here; move the file away")
     if options.wheelhouse is not None and not options.wheelhouse.is_dir():
         raise ConfigError(f"--wheelhouse {options.wheelhouse}: no such folder; create it or drop the option")
+    if options.wheelhouse is not None:
+        check_wheelhouse(project, options.wheelhouse)
     if options.ca_bundle is not None and not options.ca_bundle.is_file():
         raise ConfigError(f"--ca-bundle {options.ca_bundle}: no such file; pass a PEM bundle")
     if not project.runtime.is_dir():

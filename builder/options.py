@@ -27,6 +27,7 @@ class Option:
     matrix_key: str | None = None  # a top-level key of matrix.yaml
     default: Any = None
     metavar: str | None = None
+    secret: bool = False  # may carry credentials: shown redacted (builder/proxy.py)
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -69,9 +70,22 @@ OPTIONS: tuple[Option, ...] = (
         kind="path",
         env="QWEN_FT_CA_BUNDLE",
     ),
-    Option("http_proxy", ("--http-proxy",), "Proxy for the build only (never stored in the image)."),
-    Option("https_proxy", ("--https-proxy",), "Proxy for the build only (never stored in the image)."),
-    Option("no_proxy", ("--no-proxy",), "Hosts that bypass the proxies."),
+    # A flag's value shows in `ps`: a proxy with credentials belongs in the env variable.
+    Option(
+        "http_proxy",
+        ("--http-proxy",),
+        "Proxy for the build only (never in the image); give one with credentials via the env variable.",
+        env="QWEN_FT_HTTP_PROXY",
+        secret=True,
+    ),
+    Option(
+        "https_proxy",
+        ("--https-proxy",),
+        "Proxy for the build only (never in the image); give one with credentials via the env variable.",
+        env="QWEN_FT_HTTPS_PROXY",
+        secret=True,
+    ),
+    Option("no_proxy", ("--no-proxy",), "Hosts that bypass the proxies.", env="QWEN_FT_NO_PROXY"),
     Option("network", ("--network",), "Build network mode, e.g. host."),
     Option("jobs", ("-j", "--jobs"), "Images to build in parallel.", kind="int", default=1),
     Option("fail_fast", ("--fail-fast",), "Stop starting new builds after the first failure.", kind="flag"),
@@ -104,7 +118,17 @@ class Settings:
 
     def lines(self) -> list[str]:
         """`name = value (source)` per option, for --dry-run."""
-        return [f"{name} = {self.values[name]!r} ({self.sources[name]})" for name in sorted(self.values)]
+        from builder.proxy import redact
+
+        def shown(name: str) -> Any:
+            value = self.values[name]
+            return (
+                redact(value)
+                if name in BY_NAME and BY_NAME[name].secret and isinstance(value, str)
+                else value
+            )
+
+        return [f"{name} = {shown(name)!r} ({self.sources[name]})" for name in sorted(self.values)]
 
 
 def _convert(option: Option, text: str) -> Any:

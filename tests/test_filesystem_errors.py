@@ -121,3 +121,13 @@ def test_messages_never_carry_raw_newlines(tmp_path: Path) -> None:
     path.write_text('targets:\n  "v100\\nFROM evil":\n    sm: 70\n')
     proc = run_cli("--matrix", str(path), "matrix")
     assert_one_line_error(proc, "\\n")
+
+
+def test_render_writes_through_unique_temp_names(project_copy: Path) -> None:
+    """Finding 5: another run's temp file (here a folder, to make the clash certain) is never ours."""
+    dockerfile = _stale_image(project_copy)
+    (dockerfile.parent / "Dockerfile.tmp").mkdir()
+    proc = _cli(project_copy, "render")
+    assert proc.returncode == 0, proc.stderr
+    assert "# edited" not in dockerfile.read_text()
+    assert not [p for p in dockerfile.parent.iterdir() if p.name not in ("Dockerfile", "Dockerfile.tmp")]

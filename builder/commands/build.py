@@ -63,10 +63,12 @@ def build(obj: Context, /, selectors: tuple[str, ...], **cli: object) -> None:
             click.echo(line)
         return
     from builder.commands.console import BuildProgress, summary
+    from builder.lock import project_lock
 
-    engine = DockerEngine(settings["docker"], CommandLog(project.logs / "commands.sh"))
-    with BuildProgress([j.name for j in plan]) as progress:
-        done = building.execute(project, plan, engine, options, on_change=progress.update)
+    with project_lock(project, "build"):  # build/ is this run's alone until it ends
+        engine = DockerEngine(settings["docker"], CommandLog(project.logs / "commands.sh"))
+        with BuildProgress([j.name for j in plan]) as progress:
+            done = building.execute(project, plan, engine, options, on_change=progress.update)
     summary(done.results)
     click.echo(f"report: {done.record.relative_to(project.root)}", err=True)
     building.raise_for_failures(done.results)

@@ -74,7 +74,10 @@ def bake(obj: Context, /, selectors: tuple[str, ...], output: Path, **cli: objec
     data = baking.bake_file(
         project, facts, registry=registry, ca_bundle=ca_bundle.resolve() if ca_bundle else None
     )
-    content.stage_context(project, options.wheelhouse)
+    from builder.lock import project_lock
+
+    with project_lock(project, "bake"):
+        content.stage_context(project, options.wheelhouse)
     text = json.dumps(data, indent=2) + "\n"
     if str(output) == "-":
         click.echo(text, nl=False)

@@ -22,7 +22,7 @@ from typing import Any
 from builder import contract
 from builder.content import stage_context
 from builder.contract import qualify
-from builder.engine import BuildRequest, DockerEngine, Engine
+from builder.engine import BuildRequest, DockerEngine, Engine, Snapshot
 from builder.errors import RegistryError
 from builder.fsio import write_atomic
 from builder.jobs import CA_SECRET_ID, BuildJob, BuildOptions
@@ -243,6 +243,32 @@ def push_image(engine: Engine, job: BuildJob, image_id: str, registry: str, *, f
     return pushed
 
 
+# ----------------------------------------------------------------------------- the no-op path
+
+
+def up_to_date(jobs: Sequence[BuildJob], snapshot: Snapshot | None) -> list[ImageResult] | None:
+    """Every job's result when each is already built with every tag in place, else None.
+
+    One Engine API snapshot answers for all images: an up-to-date `build` then costs no
+    docker SDK, no CLI process and no build; anything else takes the full path.
+    """
+    if snapshot is None:
+        return None
+    results = []
+    for job in jobs:
+        image = snapshot.tags.get(job.hash_ref)
+        if image is None or image.labels.get(contract.CONTENT_HASH) != job.digest:
+            return None
+        if any(snapshot.tags.get(ref) != image for ref in job.tags):
+            return None
+        results.append(
+            ImageResult(
+                image=job.name, status="up-to-date", size=image.size, image_id=image.id, tags=list(job.tags)
+            )
+        )
+    return results
+
+
 # ----------------------------------------------------------------------------- the stage
 
 
@@ -276,6 +302,17 @@ def execute(
         from builder.errors import Interrupted
 
         raise Interrupted("interrupted: running builds were cancelled; no tag was moved") from None
+    return BuildRun(results, record(project, results, options, engine_version, started))
+
+
+def record(
+    project: Project,
+    results: Sequence[ImageResult],
+    options: BuildOptions,
+    engine_version: str,
+    started: float,
+) -> Path:
+    """build/report.json: this run's images and the options it ran with (credentials redacted)."""
     meta = {
         "command": "build",
         "started": started,
@@ -292,7 +329,7 @@ def execute(
             "https_proxy": redact(options.https_proxy),
         },
     }
-    return BuildRun(results, write_record(project, results, meta))
+    return write_record(project, results, meta)
 
 
 def raise_for_failures(results: Sequence[ImageResult]) -> None:

@@ -32,7 +32,10 @@ def cell_json(cell: Verdict) -> dict[str, Any]:
         "valid": cell.valid,
         "reasons": [reason_json(r) for r in cell.reasons],
         "notes": [reason_json(r) for r in cell.notes],
+        "filled": list(cell.filled),  # axes explain completed itself (the rest were given)
     }
+    if cell.blocking:
+        out["blocking"] = list(cell.blocking)
     if cell.plan is not None:
         p = cell.plan
         out["plan"] = {
@@ -106,8 +109,17 @@ def explain_text(d: dict[str, Any]) -> str:
         f"{head}: cuda {cell['cuda']}, torch {cell['torch']}, python {cell['python']}, "
         f"flash-attn {cell['flash_attn']}, {cell['dtype']}"
     ]
+    filled = d.get("filled") or []
+    if filled and d["valid"]:
+        values = ", ".join(f"{a.replace('_', '-')} {cell[a]}" for a in filled)
+        lines.append(f"filled in (not given): {values}")
     if not d["valid"]:
-        lines.append("INVALID")
+        blocking = ", ".join(f"--{a.replace('_', '-')}" for a in d.get("blocking", []))
+        lines.append(
+            f"INVALID: no completion of the other axes works; blocked by {blocking}"
+            if blocking
+            else "INVALID"
+        )
         for r in d["reasons"]:
             lines.append(f"  [{r['rule']}] {r['message']}\n      source: {r['source']}")
         return "\n".join(lines) + "\n"
@@ -124,7 +136,7 @@ def explain_text(d: dict[str, Any]) -> str:
         ("TORCH_CUDA_ARCH_LIST", p["torch_cuda_arch_list"] or "-"),
         ("min driver", f"{p['min_driver'] or 'none'} ({p['min_driver_reason']})"),
         ("stack", ", ".join(f"{k}=={v}" for k, v in p["stack"].items())),
-        ("tags", ", ".join(p["tags"])),
+        ("tags", ", ".join(p["tags"]) or "none (no build produces this image)"),
     ]
     lines += [f"  {k:<21} {v}" for k, v in rows if v]
     lines += [f"  note: {n['message']}" for n in d["notes"]]

@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "audit": ("builder.commands.audit", "command"),
     "compare": ("builder.commands.compare", "command"),
     "report": ("builder.commands.report", "command"),
+    "knowledge": ("builder.commands.knowledge", "command"),
 }
 
 

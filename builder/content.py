@@ -57,12 +57,23 @@ def context_files(root: Path) -> Iterator[Path]:
 def content_hash(dockerfile: str, context: Path, build_args: Mapping[str, str]) -> str:
     h = hashlib.sha256()
     h.update(b"dockerfile\0" + dockerfile.encode())
-    for path in context_files(context):
-        h.update(b"\0file\0" + path.relative_to(context).as_posix().encode() + b"\0")
-        h.update(path.read_bytes())
+    _hash_files(h, context)
     for key in sorted(build_args):
         h.update(f"\0arg\0{key}={build_args[key]}".encode())
     return h.hexdigest()
+
+
+def tree_digest(root: Path) -> str:
+    """The hash of a context folder's files alone (the runtime's content hash)."""
+    h = hashlib.sha256()
+    _hash_files(h, root)
+    return h.hexdigest()
+
+
+def _hash_files(h: hashlib._Hash, root: Path) -> None:
+    for path in context_files(root):
+        h.update(b"\0file\0" + path.relative_to(root).as_posix().encode() + b"\0")
+        h.update(path.read_bytes())
 
 
 def hash_tag(target: str, digest: str) -> str:

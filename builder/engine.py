@@ -123,6 +123,112 @@ def docker_executable(configured: str | None) -> str:
     return found
 
 
+@dataclass(frozen=True)
+class LocalImage:
+    id: str
+    size: int
+    labels: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    engine_version: str
+    tags: Mapping[str, LocalImage]  # every local tag of the repository -> its image
+
+
+def local_snapshot(repository: str, timeout: float = 5.0) -> Snapshot | None:
+    """Every local tag of `repository` -> its image, in one Engine API request over the Unix socket
+    (plus the engine's version on the same connection).
+
+    The fast path for up-to-date checks: the standard library only, no docker SDK import and no
+    CLI process. None when the engine is not a local Unix socket or does not answer, so the
+    caller takes the SDK path, which reports problems properly.
+    """
+    import http.client
+    import socket
+    import urllib.parse
+
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    if not host.startswith("unix://") or os.environ.get("DOCKER_CONTEXT"):
+        return None
+    path = host[len("unix://") :]
+
+    class _Conn(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(path)
+
+    def get(conn: http.client.HTTPConnection, url: str) -> Any:
+        conn.request("GET", url)
+        resp = conn.getresponse()
+        body = resp.read()
+        if resp.status != 200:
+            raise ValueError(f"{url}: HTTP {resp.status}")
+        return json.loads(body)
+
+    filters = urllib.parse.quote(json.dumps({"reference": [repository]}))
+    conn = _Conn("localhost", timeout=timeout)
+    try:
+        rows = get(conn, f"/images/json?filters={filters}")
+        version = str(get(conn, "/version").get("Version", "unknown"))
+    except (OSError, ValueError, KeyError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+    out: dict[str, LocalImage] = {}
+    for row in rows:
+        image = LocalImage(str(row["Id"]), int(row.get("Size") or 0), dict(row.get("Labels") or {}))
+        for tag in row.get("RepoTags") or []:
+            out[str(tag)] = image
+    return Snapshot(version, out)
+
+
+class SnapshotEngine:
+    """Image questions answered from one Engine API snapshot; a DockerEngine (and the SDK import)
+    is made only when something must run. An up-to-date `smoke` then never starts one."""
+
+    def __init__(self, snapshot: Snapshot, make: Callable[[], DockerEngine]) -> None:
+        self.snapshot = snapshot
+        self._make = make
+        self._engine: DockerEngine | None = None
+
+    @property
+    def engine(self) -> DockerEngine:
+        if self._engine is None:
+            self._engine = self._make()
+        return self._engine
+
+    def check(self) -> str:
+        return self.snapshot.engine_version
+
+    def image_labels(self, ref: str) -> Mapping[str, str] | None:
+        image = self.snapshot.tags.get(ref)
+        return None if image is None else image.labels
+
+    def image_id(self, ref: str) -> str | None:
+        image = self.snapshot.tags.get(ref)
+        return None if image is None else image.id
+
+    def image_architecture(self, ref: str) -> str | None:
+        return self.engine.image_architecture(ref)
+
+    def run_container(
+        self,
+        image: str,
+        command: Sequence[str],
+        *,
+        timeout: float,
+        gpus: bool = False,
+        env: Mapping[str, str] | None = None,
+        volumes: Mapping[str, str] | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> ContainerRun:
+        return self.engine.run_container(
+            image, command, timeout=timeout, gpus=gpus, env=env, volumes=volumes, labels=labels
+        )
+
+
 class CommandLog:
     """Appends each engine operation to build/logs/commands.sh as a runnable command."""
 

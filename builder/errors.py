@@ -71,10 +71,16 @@ class AuditFailed(FatalError):
     exit_code = 9
 
 
+class NetworkUnreachable(FatalError):
+    """An upstream the command needs (the package index for `knowledge check`) cannot be reached."""
+
+    exit_code = 10
+
+
 class Busy(FatalError):
     """Another build of the same project holds its lock (build/.lock)."""
 
-    exit_code = 10
+    exit_code = 11
 
 
 class Interrupted(FatalError):

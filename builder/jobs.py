@@ -19,7 +19,6 @@ from builder.errors import ConfigError, RenderCheckError
 from builder.knowledge import Knowledge
 from builder.options import Settings
 from builder.project import Project
-from builder.render import dockerfile, environment
 from builder.resolve import Cell, Resolution
 
 CA_SECRET_ID = "ca_bundle"
@@ -127,6 +126,9 @@ def plan_jobs(
     options: BuildOptions,
 ) -> list[BuildJob]:
     """Each selected image's job. Only the selected images are rendered, once each."""
+    # Imported here: a memoized no-op build (builder.memo) never needs Jinja.
+    from builder.render import dockerfile, environment
+
     env = environment(project.templates)
     rules = options.base_map + resolution.config.base_map
     image = resolution.config.image

@@ -58,5 +58,10 @@ class Project:
     def reports(self) -> Path:
         return self.build / "reports"
 
+    @property
+    def memo(self) -> Path:
+        """build/cache/memo/: resolutions and build jobs keyed by their inputs (builder.memo)."""
+        return self.build / "cache" / "memo"
+
     def dockerfile(self, image_id: str) -> Path:
         return self.images / image_id / "Dockerfile"

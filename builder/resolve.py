@@ -22,7 +22,7 @@ from packaging.version import Version
 from builder import contract, names
 from builder.config import CellSpec, MatrixConfig, TargetConfig
 from builder.errors import ConfigError
-from builder.knowledge import Distro, FlashAttnRelease, Knowledge, TorchRelease
+from builder.knowledge import Distro, FlashAttnRelease, Knowledge, Mislabelled, TorchRelease
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,9 @@ class Plan:
     env: Mapping[str, str]  # the image's ENV: the runtime's plan names (builder.contract), then extras
     tags: tuple[str, ...]
     labels: Mapping[str, str]
+    # "triton==X" when torch requires a triton range (`~=`) and the image keeps Triton: pip
+    # would otherwise pick whatever matches on build day, not what was planned.
+    triton_pin: str | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,8 @@ class _Verdict:
     dtype: str
     origin: str  # axes | include | pin | explain | candidate | doctor | search
     notes: tuple[Reason, ...] = field(default=(), kw_only=True)
+    filled: tuple[str, ...] = field(default=(), kw_only=True)  # axes `explain` chose, not the user
+    blocking: tuple[str, ...] = field(default=(), kw_only=True)  # given axes no completion can keep
 
     @property
     def alias(self) -> str:
@@ -130,6 +135,7 @@ class Query:
     target: TargetConfig
     spec: CellSpec
     dtype: str
+    hints: bool = True  # whether reasons may propose other values (each one is checked first)
 
     @property
     def sm(self) -> int | None:
@@ -159,10 +165,12 @@ def _covered(sm: int, sass: Iterable[int], ptx: Iterable[int]) -> str | None:
 
 
 def _coverage(kb: Knowledge, q: Query) -> str | None:
+    """How the released wheel runs on the GPU: the row's PTX only counts if no release strip removed it."""
     arch_list = kb.arch_list(q.spec.torch, q.variant)
     if q.sm is None or arch_list is None:
         return None
-    return _covered(q.sm, arch_list.sm, arch_list.ptx)
+    ptx = () if kb.ptx_strip(q.spec.torch, q.variant) else arch_list.ptx
+    return _covered(q.sm, arch_list.sm, ptx)
 
 
 def rule_torch_known(kb: Knowledge, q: Query) -> list[Reason]:
@@ -265,6 +273,26 @@ def rule_torch_arch(kb: Knowledge, q: Query) -> list[Reason]:
     ]
 
 
+def rule_torch_ptx_strip(kb: Knowledge, q: Query) -> list[Reason]:
+    """A GPU that only the build script's "+PTX" would cover: the release wheel has no PTX."""
+    if q.sm is None or q.variant not in kb.torch[q.spec.torch].variants:
+        return []
+    arch_list = kb.arch_list(q.spec.torch, q.variant)
+    strip = kb.ptx_strip(q.spec.torch, q.variant)
+    if arch_list is None or strip is None or _covered(q.sm, arch_list.sm, arch_list.ptx) != "ptx":
+        return []
+    ptx = ", ".join(f"compute_{p}" for p in arch_list.ptx)
+    return [
+        Reason(
+            "torch-ptx-stripped",
+            f"torch {q.spec.torch} {_variant_name(q.variant)} would reach sm_{q.sm} ({q.target.name}) only "
+            f"through {ptx} PTX, and the release build strips +PTX ({strip.pr}): "
+            "'no kernel image is available'. Use a variant that compiles the SM",
+            strip.source,
+        )
+    ]
+
+
 def rule_dtype(kb: Knowledge, q: Query) -> list[Reason]:
     if q.sm is None:
         if q.dtype == "fp32":
@@ -286,7 +314,36 @@ def rule_dtype(kb: Knowledge, q: Query) -> list[Reason]:
 
 def rule_base_os(kb: Knowledge, q: Query) -> list[Reason]:
     _, problem = _distro_for(kb, q.target, q.spec)
-    return [problem] if problem else []
+    if problem is None:
+        return []
+    if not q.hints:
+        return [problem]
+    # Offer only the Pythons that make this very cell valid, not just the base OS.
+    works = [
+        p
+        for p in _distro_pythons(kb, q.target, q.spec)
+        if isinstance(
+            check(kb, q.target, replace(q.spec, python=p), dtype=q.dtype, origin="hint", hints=False), Cell
+        )
+    ]
+    where = "the cpu target" if q.target.is_cpu else f"nvidia/cuda:{q.spec.cuda}"
+    offer = f"use Python {', '.join(works)}" if works else "no other Python makes this cell valid either"
+    return [
+        Reason(
+            "python-base-os",
+            f"no {where} base image ships Python {q.spec.python} as its system python; {offer}",
+            problem.source,
+        )
+    ]
+
+
+def _distro_pythons(kb: Knowledge, target: TargetConfig, spec: CellSpec) -> list[str]:
+    if target.is_cpu:
+        found = {d.python for d in kb.distros if d.os == "debian" and d.image}
+    else:
+        ubuntu = kb.cuda[spec.cuda].ubuntu if spec.cuda in kb.cuda else ()
+        found = {d.python for d in kb.distros if d.os == "ubuntu" and d.version in ubuntu}
+    return sorted(found, key=Version)
 
 
 def rule_triton(kb: Knowledge, q: Query) -> list[Reason]:
@@ -309,6 +366,57 @@ def rule_flash_attn(kb: Knowledge, q: Query) -> list[Reason]:
         ]
     triton, triton_version, _, _ = _triton_decision(kb, q.target, q.spec, kb.torch[q.spec.torch])
     return _fa_rules(kb, q.target, q.spec, fa, triton, triton_version)
+
+
+def rule_flash_attn_runtime_sm(kb: Knowledge, q: Query) -> list[Reason]:
+    """flash_api.cpp's own capability check: before 2.7 it accepts sm_8x and sm_90 only."""
+    fa = kb.flash_attn.get(q.spec.flash_attn)
+    if fa is None or q.sm is None or q.sm < fa.min_sm or fa.runs_on(q.sm):
+        return []
+    accepted = ", ".join(f"sm_{lo}-sm_{hi}" if hi != lo else f"sm_{lo}" for lo, hi in fa.runtime_sm if hi)
+    return [
+        Reason(
+            "flash-attn-runtime-sm",
+            f"flash-attn {fa.version} accepts only {accepted} at run time (flash_api.cpp TORCH_CHECK), so "
+            f"{q.target.name} (sm_{q.sm}) fails at the first attention call whether the wheel or a "
+            "source build is used; use flash-attn 2.7.4.post1 or newer",
+            fa.source,
+        )
+    ]
+
+
+def rule_flash_attn_compiled_sm(kb: Knowledge, q: Query) -> list[Reason]:
+    """The flash-attn binary the plan would install must carry cubins this GPU can run."""
+    fa = kb.flash_attn.get(q.spec.flash_attn)
+    if fa is None or q.sm is None or q.sm < fa.min_sm or not fa.runs_on(q.sm) or q.spec.cuda not in kb.cuda:
+        return []
+    if q.variant not in kb.torch[q.spec.torch].variants:
+        return []  # rule_torch_variant already refuses it; there is no wheel ABI to read
+    strategy, _, _ = _fa_choice(kb, q, fa)
+    if strategy == "wheel":
+        nvcc, how = fa.wheels.nvcc or "", "its prebuilt wheels were built with nvcc"
+    else:
+        patch = kb.cuda[q.spec.cuda].latest_patch
+        if patch is None:
+            return []  # no devel image to build with: _fa_plan refuses it with its own reason
+        nvcc, how = patch, "a source build here uses the devel image's nvcc"
+    compiled = fa.compiled_for(nvcc)
+    if any(contract.runs_on(c, q.sm) for c in compiled):
+        return []
+    have = ", ".join(f"sm_{c}" for c in compiled) or "nothing"
+    fix = (
+        "use flash-attn 2.8.3 or newer (wheels built with nvcc 12.9.1)"
+        if strategy == "wheel"
+        else "use a CUDA variant whose nvcc targets it (sm_100/sm_120 need 12.8+)"
+    )
+    return [
+        Reason(
+            f"flash-attn-{strategy}-sm",
+            f"flash-attn {fa.version}: {how} {nvcc}, which compiles {have} and not sm_{q.sm} "
+            f"({q.target.name}): 'no kernel image is available'; {fix}",
+            fa.source,
+        )
+    ]
 
 
 def rule_stack(kb: Knowledge, q: Query) -> list[Reason]:
@@ -349,6 +457,37 @@ def note_fa_without_triton(kb: Knowledge, q: Query) -> list[Reason]:
     ]
 
 
+def note_fa_wheel_abi(kb: Knowledge, q: Query) -> list[Reason]:
+    fa = kb.flash_attn.get(q.spec.flash_attn)
+    if fa is None or q.sm is None:
+        return []
+    _, _, mislabel = _fa_choice(kb, q, fa)  # notes run on valid cells only: the variant exists
+    if mislabel is None:
+        return []
+    return [
+        Reason(
+            "flash-attn-wheel-abi",
+            f"flash-attn {fa.version} is built from source: its cxx11abi{str(mislabel.abi).upper()} wheel "
+            f"for torch {mislabel.torch} is mislabelled ({mislabel.why}). flash-attn 2.7.4.post1 has a "
+            "correctly built wheel for this torch",
+            mislabel.source,
+        )
+    ]
+
+
+def note_fa_wheels_unknown(kb: Knowledge, q: Query) -> list[Reason]:
+    fa = kb.flash_attn.get(q.spec.flash_attn)
+    if fa is None or q.sm is None or fa.wheels.known:
+        return []
+    return [
+        Reason(
+            "flash-attn-wheels-unknown",
+            f"flash-attn {fa.version} is built from source: its published wheel matrix could not be read",
+            fa.conflict or fa.source,
+        )
+    ]
+
+
 Rule = Callable[[Knowledge, Query], list[Reason]]
 
 # Stages run in order; a stage whose reasons include a gate rule ends the check, since
@@ -360,15 +499,23 @@ STAGES: tuple[tuple[Rule, ...], ...] = (
     (
         rule_cuda_drops_sm,
         rule_torch_arch,
+        rule_torch_ptx_strip,
         rule_dtype,
         rule_base_os,
         rule_triton,
         rule_flash_attn,
+        rule_flash_attn_runtime_sm,
+        rule_flash_attn_compiled_sm,
         rule_stack,
     ),
 )
 GATES = frozenset({"torch-unknown", "gpu-no-cuda", "cuda-unknown"})
-NOTES: tuple[Rule, ...] = (note_arch_conflict, note_fa_without_triton)
+NOTES: tuple[Rule, ...] = (
+    note_arch_conflict,
+    note_fa_without_triton,
+    note_fa_wheel_abi,
+    note_fa_wheels_unknown,
+)
 
 
 def reasons(kb: Knowledge, q: Query) -> list[Reason]:
@@ -419,7 +566,7 @@ def _triton_decision(
         return "remove", None, "CPU wheels of torch do not depend on triton", None
     if pin.python_below and Version(spec.python) >= Version(pin.python_below):
         why = (
-            f"torch {release.version} pins triton=={pin.version} only for Python < "
+            f"torch {release.version} requires triton{pin.requires} only for Python < "
             f"{pin.python_below}, so pip installs none"
         )
         if target.triton == "keep":
@@ -444,6 +591,21 @@ def _triton_decision(
                     source,
                 ),
             )
+        return "remove", pin.version, why, None
+    floor = kb.triton_min_version(target.sm)
+    if floor is not None and Version(pin.version) < Version(floor[0]):
+        why = (
+            f"triton {pin.version} (pinned by torch {release.version}) cannot compile for sm_{target.sm}: "
+            f"its ptxas does not know the GPU (triton {floor[0]}+ does); removed"
+        )
+        if target.triton == "keep":
+            problem = Reason(
+                "triton-too-old-for-sm",
+                f"triton {pin.version} cannot compile for sm_{target.sm} ({target.name}); it needs triton "
+                f"{floor[0]}+: set triton: auto (removes it), or use a torch that pins a newer triton",
+                floor[1],
+            )
+            return "remove", pin.version, why, problem
         return "remove", pin.version, why, None
     if target.triton == "remove":
         return "remove", pin.version, "removed by the target's triton: remove", None
@@ -525,20 +687,9 @@ def _fa_plan(
     distro: Distro,
 ) -> tuple[FlashAttnPlan | None, Reason | None]:
     assert target.sm is not None
-    tv = Version(spec.torch)
-    torch_mm = f"{tv.major}.{tv.minor}"
     cuda_major = spec.cuda.split(".")[0]
-    abi = release.abi(spec.cuda)
-    token = kb.fa_cuda_token(fa.version, spec.cuda)
-    if token and fa.wheels.has(torch_mm=torch_mm, cuda_major=cuda_major, python=spec.python, abi=abi):
-        py = spec.python.replace(".", "")
-        filename = kb.fa_wheel_filename.format(
-            version=fa.version,
-            cuda_token=token,
-            torch_mm=torch_mm,
-            abi=str(abi).upper(),
-            py=py,
-        )
+    strategy, filename, _ = _fa_choice(kb, Query(target, spec, ""), fa)
+    if strategy == "wheel" and filename:
         url = kb.fa_wheel_url.format(version=fa.version, filename=filename)
         return FlashAttnPlan("wheel", fa.version, url, None, None), None
     # No prebuilt wheel: compile in a devel stage, only for this GPU's SM.
@@ -565,6 +716,31 @@ def _fa_plan(
     return FlashAttnPlan("source", fa.version, None, archs, builder), None
 
 
+def _fa_choice(kb: Knowledge, q: Query, fa: FlashAttnRelease) -> tuple[str, str | None, Mislabelled | None]:
+    """("wheel", its filename, None) when a correctly built prebuilt wheel fits the cell, else
+    ("source", None, the mislabelled wheel that was passed over or None)."""
+    spec = q.spec
+    release = kb.torch[spec.torch]
+    tv = Version(spec.torch)
+    torch_mm = f"{tv.major}.{tv.minor}"
+    abi = release.abi(q.variant)
+    token = kb.fa_cuda_token(fa.version, spec.cuda)
+    cuda_major = spec.cuda.split(".")[0]
+    if not token or not fa.wheels.has(torch_mm=torch_mm, cuda_major=cuda_major, python=spec.python, abi=abi):
+        return "source", None, None
+    mislabel = fa.wheels.mislabel(torch_mm=torch_mm, abi=abi)
+    if mislabel is not None:
+        return "source", None, mislabel
+    filename = kb.fa_wheel_filename.format(
+        version=fa.version,
+        cuda_token=token,
+        torch_mm=torch_mm,
+        abi=str(abi).upper(),
+        py=spec.python.replace(".", ""),
+    )
+    return "wheel", filename, None
+
+
 def _cuda_image(kb: Knowledge, cuda: str, flavour: str, distro: Distro) -> str:
     patch = kb.cuda[cuda].latest_patch
     tag = kb.cuda_image_tag.format(patch=patch, cudnn="", flavour=flavour, ubuntu=distro.version)
@@ -572,11 +748,17 @@ def _cuda_image(kb: Knowledge, cuda: str, flavour: str, distro: Distro) -> str:
 
 
 def check(
-    kb: Knowledge, target: TargetConfig, spec: CellSpec, *, dtype: str | None = None, origin: str
+    kb: Knowledge,
+    target: TargetConfig,
+    spec: CellSpec,
+    *,
+    dtype: str | None = None,
+    origin: str,
+    hints: bool = True,
 ) -> Verdict:
     """Run every rule on one cell; return it with its plan, or rejected with all its reasons."""
     want = dtype or (target.dtype if target.dtype != "auto" else default_dtype(kb, target.sm))
-    q = Query(target, spec, want)
+    q = Query(target, spec, want, hints)
     found = reasons(kb, q)
     if found:
         return Rejected(spec, target.sm, want, origin, reasons=tuple(found))
@@ -617,6 +799,7 @@ def _plan(kb: Knowledge, q: Query) -> tuple[Plan | None, Reason | None]:
         min_driver, driver_why = _min_driver(kb, spec.cuda, sm, _coverage(kb, q))
         arch_list_str = f"{sm // 10}.{sm % 10}"
     triton, triton_version, triton_why, _ = _triton_decision(kb, target, spec, release)
+    triton_pin = f"triton=={triton_version}" if triton == "keep" and release.triton.is_range else None
     is_default = q.variant == release.pypi_default
     name = _variant_name(q.variant)
     torch_plan = TorchPlan(
@@ -661,6 +844,7 @@ def _plan(kb: Knowledge, q: Query) -> tuple[Plan | None, Reason | None]:
         env=env,
         tags=(),
         labels={},
+        triton_pin=triton_pin,
     )
     return plan, None
 
@@ -679,7 +863,7 @@ def _min_driver(kb: Knowledge, cuda_version: str, sm: int, coverage: str | None)
     if arch.min_driver and Version(arch.min_driver) > Version(floor):
         floor, why = (
             arch.min_driver,
-            f"{arch.family} (sm_{sm}) needs an R{arch.min_driver.split('.')[0]}+ driver",
+            f"{arch.family} (sm_{sm}) needs driver {arch.min_driver}+",
         )
     return floor, why
 
@@ -835,7 +1019,8 @@ def search(
 ) -> Cell | None:
     """The best valid cell among `specs` that `accept` takes: the one search every caller uses
     (recommended cells, doctor's driver fallback, explain's completion of unspecified axes)."""
-    return best(kb, (check(kb, target, s, dtype=dtype, origin=origin) for s in specs), accept)
+    # Only valid cells come back, so rejected ones need no hints (each hint is a check).
+    return best(kb, (check(kb, target, s, dtype=dtype, origin=origin, hints=False) for s in specs), accept)
 
 
 def resolve_target(config: MatrixConfig, kb: Knowledge, name: str) -> tuple[list[Cell], list[Verdict]]:
@@ -861,6 +1046,8 @@ def resolve_target(config: MatrixConfig, kb: Knowledge, name: str) -> tuple[list
         chosen = pin
     else:
         chosen = best(kb, candidates)
+        if chosen is not None:
+            chosen = _note_wheel_policy(kb, name, chosen, candidates)
     if chosen is None:
         first = excluded[-1].reasons[0].message if excluded else "no candidates"
         raise ConfigError(
@@ -885,6 +1072,25 @@ def resolve_target(config: MatrixConfig, kb: Knowledge, name: str) -> tuple[list
     return images, excluded
 
 
+def _note_wheel_policy(kb: Knowledge, name: str, chosen: Cell, candidates: Sequence[Cell]) -> Cell:
+    """Say so when the prebuilt-wheel preference, not a rule, keeps the image on an older torch."""
+    if chosen.plan.flash_attn.strategy != "wheel":
+        return chosen
+    newer = [c for c in candidates if Version(c.spec.torch) > Version(chosen.spec.torch)]
+    if not newer:
+        return chosen
+    alt = max(newer, key=lambda c: preference(kb, c))
+    how = "built from source" if alt.plan.flash_attn.strategy == "source" else "left out"
+    note = Reason(
+        "flash-attn-wheel-policy",
+        f"{name} stays on torch {chosen.spec.torch} only because it is the newest torch in the axes with "
+        f"a prebuilt flash-attn wheel; torch {alt.spec.torch} (cuda {alt.spec.cuda}, python "
+        f"{alt.spec.python}) is valid too, with flash-attn {how}. Set targets.{name}.recommended to take it",
+        "README 'How a cell is picked' (1. a prebuilt flash-attn wheel beats compiling it)",
+    )
+    return replace(chosen, notes=(*chosen.notes, note))
+
+
 def resolve(config: MatrixConfig, kb: Knowledge) -> Resolution:
     cells: list[Cell] = []
     excluded: list[Verdict] = []
@@ -893,6 +1099,9 @@ def resolve(config: MatrixConfig, kb: Knowledge) -> Resolution:
         cells.extend(images)
         excluded.extend(rest)
     return Resolution(config=config, cells=tuple(cells), excluded=tuple(excluded))
+
+
+AXES = ("cuda", "torch", "python", "flash_attn")
 
 
 def explain(
@@ -905,17 +1114,56 @@ def explain(
 ) -> Verdict:
     """Verdict and plan for any cell of a target, including ones not in matrix.yaml.
 
-    Only this target is resolved: its recommended cell supplies the axes not given.
+    The axes not given are completed by the policy that picks recommended cells
+    (`preference`), among the values that make the cell valid: first the target's own
+    matrix axes, then every value the knowledge base knows. `filled` names the completed
+    axes. The cell is INVALID only when no completion exists; `blocking` then names the
+    given axes (or `dtype`) that no completion can keep.
     """
     target = find_target(config, target_name)
-    base = resolve_target(config, kb, target.name)[0][0].spec
-    changes = {k: v for k, v in overrides.items() if v is not None}
-    spec = replace(base, **changes)
-    cell = check(kb, target, spec, dtype=dtype, origin="explain")
-    if not isinstance(cell, Cell):
-        return cell
-    is_rec = spec == base and (dtype is None or dtype == cell.dtype)
-    return finish(cell, image=config.image, recommended=is_rec)
+    rec = resolve_target(config, kb, target.name)[0][0]
+    given = {k: v for k, v in overrides.items() if v is not None}
+    free = tuple(a for a in AXES if a not in given)
+    if not given and dtype in (None, rec.dtype):
+        return replace(rec, filled=free)
+    found = complete(kb, target, given, dtype)
+    if found is None:
+        verdict = check(kb, target, replace(rec.spec, **given), dtype=dtype, origin="explain")
+        return replace(verdict, filled=free, blocking=_blocking(kb, target, given, dtype))
+    if found.spec == rec.spec and found.dtype == rec.dtype:
+        return replace(rec, filled=free)
+    cell = replace(finish(found, image=config.image, recommended=False), origin="explain", filled=free)
+    if found.dtype != rec.dtype:
+        # Every image of this target is built in rec.dtype: no build produces a tag for this one.
+        note = Reason(
+            "dtype-not-built",
+            f"no image of {target.name} is built in {found.dtype} (its images use {rec.dtype}); "
+            f"set targets.{target.name}.dtype: {found.dtype} in matrix.yaml to build one",
+            "matrix.yaml targets",
+        )
+        cell = replace(cell, notes=(*cell.notes, note), plan=replace(cell.plan, tags=()))
+    return cell
+
+
+def complete(kb: Knowledge, target: TargetConfig, given: Mapping[str, str], dtype: str | None) -> Cell | None:
+    """The preferred valid cell that keeps `given`: other axes from the matrix first, then from the KB."""
+    axes = Space(target.axes.cuda, target.axes.torch, target.axes.python, target.axes.flash_attn)
+    for space in (axes, known_space(kb, target)):
+        keep = replace(space, **{k: [v] for k, v in given.items()})
+        cell = search(kb, target, keep.specs(target.name), dtype=dtype, origin="explain")
+        if cell is not None:
+            return cell
+    return None
+
+
+def _blocking(
+    kb: Knowledge, target: TargetConfig, given: Mapping[str, str], dtype: str | None
+) -> tuple[str, ...]:
+    """The given axes that, alone, leave no valid completion; all of them when only the set does."""
+    alone = [a for a in given if complete(kb, target, {k: v for k, v in given.items() if k != a}, dtype)]
+    if dtype is not None and complete(kb, target, given, None) is not None:
+        alone.append("dtype")
+    return tuple(alone) or (*given, *(("dtype",) if dtype else ()))
 
 
 def find_target(config: MatrixConfig, name: str) -> TargetConfig:

@@ -16,11 +16,16 @@ Three stages, each testable alone:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import platform
+import socket
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -56,6 +61,7 @@ class Options:
     model: Path | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     cpu_only: bool = False
+    rerun: bool = False  # ignore cached verdicts (a fresh pass is still stored)
 
 
 @dataclass(frozen=True)
@@ -230,6 +236,7 @@ class SmokeResult:
     image_id: str | None
     steps: tuple[StepResult, ...]
     wall_s: float
+    cached: Mapping[str, str] | None = None  # {"at", "host", "key"} when reused from the verdict cache
 
     @property
     def ok(self) -> bool:
@@ -306,6 +313,7 @@ def image_row(result: SmokeResult) -> dict[str, Any]:
         "image_dtype": plan.dtype,
         "image_attention": plan.attn,
         "wall_s": round(result.wall_s, 2),
+        "cached": dict(result.cached) if result.cached else None,
         "checks": [
             {"step": s.step, "name": c.get("name"), "ok": c.get("ok"), "detail": c.get("detail")}
             for s in result.steps
@@ -402,6 +410,85 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ----------------------------------------------------------------------------- the verdict cache
+
+
+def host_key(gpus: Sequence[GpuInfo], sm_of: Callable[[GpuInfo], int | None]) -> list[str]:
+    """What about this host can change a verdict: CPU architecture, each GPU, its SM and driver."""
+    return [platform.machine(), *(f"{g.name}|sm_{sm_of(g)}|{g.driver}" for g in gpus)]
+
+
+def verdict_key(
+    image_id: str, runtime_digest: str, plan: ImagePlan, options: Options, audit: bool, host: Sequence[str]
+) -> str:
+    """The hash of everything a smoke verdict depends on (not the timeout: a pass is a pass)."""
+    fields = {
+        "image_id": image_id,
+        "runtime": runtime_digest,
+        "step": {
+            "gpu": plan.gpu,
+            "gpu_name": plan.gpu_name,
+            "env": dict(plan.env),
+            "flags": plan.smoke_flags,
+        },
+        "args": {
+            "steps": options.steps,
+            "model": str(options.model.resolve()) if options.model else None,
+            "model_stamp": _model_stamp(options.model),
+            "env": dict(options.env),
+            "audit": audit and plan.sm is not None,
+        },
+        "host": list(host),
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def _model_stamp(model: Path | None) -> str | None:
+    if model is None:
+        return None
+    from builder.memo import tree_stamp
+
+    return tree_stamp(model) if model.is_dir() else None
+
+
+@dataclass(frozen=True)
+class VerdictCache:
+    """Passing verdicts under build/cache/verdicts/<key>.json. Failures are never stored, so a
+    failed image always runs again; writes are atomic, so concurrent runs can share the folder."""
+
+    folder: Path
+
+    def get(self, key: str, plan: ImagePlan, image_id: str) -> SmokeResult | None:
+        try:
+            data = json.loads((self.folder / f"{key}.json").read_text(encoding="utf-8"))
+            steps = tuple(StepResult(**step) for step in data["steps"])
+            cached = {"at": str(data["at"]), "host": str(data["host"]), "key": key[:12]}
+            result = SmokeResult(plan, image_id, steps, float(data["wall_s"]), cached)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return result if result.ok else None
+
+    def put(self, key: str, result: SmokeResult) -> None:
+        if not result.ok:
+            return
+        data = {
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "host": socket.gethostname(),
+            "image": result.plan.name,
+            "image_id": result.image_id,
+            "wall_s": round(result.wall_s, 2),
+            "steps": [asdict(step) for step in result.steps],
+        }
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{key[:12]}.", suffix=".tmp")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f)
+            Path(tmp).replace(self.folder / f"{key}.json")
+        except OSError:
+            pass  # a read-only build/ only costs the next run its speed
+
+
 # ----------------------------------------------------------------------------- running
 
 
@@ -427,11 +514,24 @@ def run(
     labels: Mapping[str, str],
     on_step: Listener = lambda plan, step, result: None,
     auditor: Callable[[ImagePlan], StepResult] | None = None,
+    verdicts: VerdictCache | None = None,
+    keys: Mapping[str, str] | None = None,
 ) -> list[SmokeResult]:
-    """Contract, smoke, then (GPU images) the kernel audit; one image's failure never stops the others."""
+    """Contract, smoke, then (GPU images) the kernel audit; one image's failure never stops the others.
+
+    With `verdicts` and `keys` (image name -> verdict key), an image whose key has a stored pass
+    is not run again (unless options.rerun); each new pass is stored.
+    """
     volumes = {str(options.model.resolve()): contract.MODEL_MOUNT} if options.model is not None else {}
     results = []
     for plan in plans:
+        key = (keys or {}).get(plan.name)
+        if verdicts is not None and key is not None and not options.rerun:
+            hit = verdicts.get(key, plan, engine.image_id(plan.ref) or "")
+            if hit is not None:
+                on_step(plan, "cached", None)
+                results.append(hit)
+                continue
         start = time.monotonic()
         steps: list[StepResult] = []
         for step, argv, env, mounts in (
@@ -458,7 +558,10 @@ def run(
             audited = auditor(plan)
             steps.append(audited)
             on_step(plan, "audit", audited)
-        results.append(SmokeResult(plan, engine.image_id(plan.ref), tuple(steps), time.monotonic() - start))
+        result = SmokeResult(plan, engine.image_id(plan.ref), tuple(steps), time.monotonic() - start)
+        if verdicts is not None and key is not None:
+            verdicts.put(key, result)
+        results.append(result)
     return results
 
 
@@ -500,9 +603,18 @@ def execute(
     Ctrl-C removes the running container; the caller turns it into one line.
     """
     from builder import doctor, hostprobe
-    from builder.engine import CommandLog, DockerEngine
+    from builder.content import tree_digest
+    from builder.engine import CommandLog, DockerEngine, SnapshotEngine, local_snapshot
 
-    engine = DockerEngine(docker, CommandLog(project.logs / "commands.sh"))
+    def docker_engine() -> DockerEngine:
+        made = DockerEngine(docker, CommandLog(project.logs / "commands.sh"))
+        made.check()
+        return made
+
+    snapshot = local_snapshot(config.image)
+    engine: DockerEngine | SnapshotEngine = (
+        docker_engine() if snapshot is None else SnapshotEngine(snapshot, docker_engine)
+    )
     engine_version = engine.check()
     check_built(engine, cells)
     probe = hostprobe.probe_gpus(hostprobe.system_runner, hostprobe.import_pynvml)
@@ -535,6 +647,13 @@ def execute(
                 return audit_step(None, exc.message, time.monotonic() - start)
             return audit_step(result)
 
+    host = host_key(probe.gpus, sm_of)
+    runtime = tree_digest(project.runtime)
+    keys = {
+        p.name: verdict_key(image_id, runtime, p, options, audit_options is not None, host)
+        for p in plans
+        if (image_id := engine.image_id(p.ref)) is not None
+    }
     results = run(
         engine,
         plans,
@@ -543,6 +662,8 @@ def execute(
         labels=labels,
         on_step=on_step,
         auditor=auditor,
+        verdicts=VerdictCache(project.build / "cache" / "verdicts"),
+        keys=keys,
     )
     meta = {
         "command": "smoke",
@@ -559,6 +680,7 @@ def execute(
             "timeout": options.timeout,
             "model": str(options.model) if options.model else None,
             "cpu_only": options.cpu_only,
+            "rerun": options.rerun,
             "env": dict(options.env),
         },
     }

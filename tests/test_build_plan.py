@@ -117,7 +117,7 @@ def test_base_map_rules() -> None:
 def test_plan_tags_and_hash() -> None:
     jobs = {j.name: j for j in plan()}
     v100 = jobs["v100-fp16"]
-    assert v100.tags[:2] == ("qwen-ft:v100-fp16", "qwen-ft:v100-fp16-cu126-torch2.13.0-py3.12")
+    assert v100.tags[:2] == ("qwen-ft:v100-fp16", "qwen-ft:v100-fp16-cu126-torch2.14.1-py3.12")
     assert v100.tags[2] == f"qwen-ft:v100-{v100.digest[:12]}"
     assert v100.labels == {HASH_LABEL: v100.digest}
     assert v100.build_args["BASE_IMAGE"] == "nvidia/cuda:12.6.3-base-ubuntu24.04"

@@ -57,7 +57,7 @@ CASES = [
     ),
     (
         "bad-version",
-        GOOD.replace('torch: ["2.8.0", "2.13.0"]', 'torch: ["2.8.0", "two"]'),
+        GOOD.replace('torch: ["2.8.0", "2.14.1", "2.15.0"]', 'torch: ["2.8.0", "two"]'),
         ["axes.torch[1]", "'two'"],
     ),
     (

@@ -306,7 +306,7 @@ def test_blackwell_below_r570_has_no_image(kb: Knowledge, res: resolve.Resolutio
     report = report_for(kb, res, FakeHost({}), assume_gpus=["B200"], assume_driver="560.35.05")
     (gpu,) = report.gpus
     assert gpu.driver_ok is False and gpu.fallback is None and not gpu.usable and not report.ok
-    assert any("upgrade the driver to >= 570.26" in n for n in gpu.notes)
+    assert any("upgrade the driver to >= 570.133.20" in n for n in gpu.notes)
 
 
 def test_driver_unknown_is_not_a_failure(kb: Knowledge, res: resolve.Resolution) -> None:

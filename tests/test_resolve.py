@@ -192,7 +192,7 @@ def test_torch_index_and_pypi_default(kb: Knowledge, matrix: MatrixConfig) -> No
     [
         ("v100", "12.6", "2.8.0", "525.60.13"),  # CUDA 12 minor-version floor
         ("t4", "13.0", "2.13.0", "580.65.06"),  # CUDA 13 floor
-        ("b200", "12.8", "2.8.0", "570.26"),  # Blackwell needs R570 even on CUDA 12
+        ("b200", "12.8", "2.8.0", "570.133.20"),  # HGX B200: the GPU Operator floor, above CUDA 12
         ("a100", "11.8", "2.7.1", "450.80.02"),
     ],
 )
@@ -302,3 +302,196 @@ def test_gpu_name_matching(kb: Knowledge) -> None:
     assert sm("NVIDIA L40S") == 89
     assert sm("NVIDIA B200") == 100
     assert sm("Some Future GPU") is None
+
+
+# Issue #11 rules: each case names the rule it expects among the reasons (or the notes, for
+# cells that stay valid), and whether the cell is valid.
+ISSUE_11 = [
+    # (id, target, sm override, cuda, torch, python, flash_attn, triton, rule, valid)
+    # pytorch#145616: 2.6.0+cu126 release wheels lost the compute_90 PTX that would JIT on sm_100.
+    ("ptx-strip", "b200", None, "12.6", "2.6.0", "3.12", "none", None, "torch-ptx-stripped", False),
+    # Blackwell Ultra (sm_103) needs triton 3.5.1+; torch 2.8.0 pins 3.4.0.
+    (
+        "triton-floor-keep",
+        "b200",
+        103,
+        "12.8",
+        "2.8.0",
+        "3.12",
+        "none",
+        "keep",
+        "triton-too-old-for-sm",
+        False,
+    ),
+    # flash-attn 2.6.3's TORCH_CHECK(is_sm90 || is_sm8x): a B200 source build fails at the first call.
+    ("fa-runtime-sm", "b200", None, "12.8", "2.8.0", "3.12", "2.6.3", None, "flash-attn-runtime-sm", False),
+    # 2.7.4.post1's wheels were built with nvcc 12.4.1: sm_80/sm_90 cubins only.
+    ("fa-wheel-sm", "b200", None, "12.6", "2.6.0", "3.12", "2.7.4.post1", None, "flash-attn-wheel-sm", False),
+    # The 2.8.x cxx11abiFALSE torch-2.6 wheel is a C++11-ABI build: torch 2.6.0+cu124 gets a source build.
+    (
+        "fa-abi-mislabelled",
+        "a100",
+        None,
+        "12.4",
+        "2.6.0",
+        "3.10",
+        "2.8.3",
+        None,
+        "flash-attn-wheel-abi",
+        True,
+    ),
+    # post2's wheel matrix could not be read: build from source, and say so.
+    (
+        "fa-wheels-unknown",
+        "a100",
+        None,
+        "12.8",
+        "2.8.0",
+        "3.12",
+        "2.8.3.post2",
+        None,
+        "flash-attn-wheels-unknown",
+        True,
+    ),
+    # A torch with no cu126 line leaves V100 nothing (2.15.0: pytorch#196249).
+    ("v100-torch-2.15", "v100", None, "12.6", "2.15.0", "3.12", "none", None, "torch-variant", False),
+    ("torch-2.15-python", "a100", None, "13.0", "2.15.0", "3.10", "none", None, "torch-python", False),
+]
+
+
+@pytest.mark.parametrize(
+    ("target", "sm", "cuda", "torch", "python", "fa", "triton", "rule", "valid"),
+    [row[1:] for row in ISSUE_11],
+    ids=[row[0] for row in ISSUE_11],
+)
+def test_issue_11_rules(
+    kb: Knowledge,
+    matrix: MatrixConfig,
+    target: str,
+    sm: int | None,
+    cuda: str,
+    torch: str,
+    python: str,
+    fa: str,
+    triton: str | None,
+    rule: str,
+    valid: bool,
+) -> None:
+    t = matrix.targets[target]
+    t = replace(t, sm=sm if sm is not None else t.sm, triton=triton or t.triton)
+    spec = CellSpec(target=target, cuda=cuda, torch=torch, python=python, flash_attn=fa)
+    cell = resolve.check(kb, t, spec, origin="test")
+    rules = {r.rule for r in (*cell.reasons, *cell.notes)}
+    assert rule in rules, [r.message for r in (*cell.reasons, *cell.notes)]
+    assert cell.valid == valid
+
+
+def test_release_ptx_counts_only_where_not_stripped(kb: Knowledge, matrix: MatrixConfig) -> None:
+    # Before the strip, the 2.6.0 cu126 row's compute_90 PTX made a B200 cell valid (with the JIT driver).
+    unstripped = replace(kb, ptx_strips=())
+    cell = resolve.check(
+        unstripped,
+        matrix.targets["b200"],
+        CellSpec(target="b200", cuda="12.6", torch="2.6.0", python="3.12", flash_attn="none"),
+        origin="test",
+    )
+    assert cell.valid and cell.plan is not None
+    q = resolve.Query(matrix.targets["b200"], cell.spec, "bf16")
+    assert resolve._coverage(unstripped, q) == "ptx" and resolve._coverage(kb, q) is None
+
+
+def test_triton_floor_removes_with_reason_under_auto(kb: Knowledge, matrix: MatrixConfig) -> None:
+    b300 = replace(matrix.targets["b200"], sm=103)
+    cell = resolve.check(
+        kb,
+        b300,
+        CellSpec(target="b200", cuda="12.8", torch="2.8.0", python="3.12", flash_attn="none"),
+        origin="t",
+    )
+    assert cell.plan is not None
+    assert cell.plan.triton == "remove" and "triton 3.5.1+" in cell.plan.triton_reason
+    newer = resolve.check(
+        kb,
+        b300,
+        CellSpec(target="b200", cuda="13.0", torch="2.14.1", python="3.12", flash_attn="none"),
+        origin="t",
+    )
+    assert newer.plan is not None and newer.plan.triton == "keep"
+
+
+def test_source_build_needs_an_nvcc_that_compiles_the_sm(kb: Knowledge, matrix: MatrixConfig) -> None:
+    fa = kb.flash_attn["2.8.3"]
+    later = replace(fa, compiled_sm=((80, "11.7"), (90, "11.8"), (100, "12.9"), (120, "12.9")))
+    kb2 = replace(kb, flash_attn={**kb.flash_attn, "2.8.3": later})
+    # torch 2.13.0 has no 2.8.3 wheel, so it is compiled: the cu129 devel image's nvcc 12.9.1 reaches sm_100,
+    ok = resolve.check(
+        kb2,
+        matrix.targets["b200"],
+        CellSpec(target="b200", cuda="12.9", torch="2.13.0", python="3.12", flash_attn="2.8.3"),
+        origin="t",
+    )
+    assert ok.plan is not None and ok.plan.flash_attn.strategy == "source"
+    # while a devel image whose nvcc predates the SM does not.
+    kb3 = replace(kb2, cuda={**kb.cuda, "12.9": replace(kb.cuda["12.9"], latest_patch="12.8.2")})
+    bad = resolve.check(
+        kb3,
+        matrix.targets["b200"],
+        CellSpec(target="b200", cuda="12.9", torch="2.13.0", python="3.12", flash_attn="2.8.3"),
+        origin="t",
+    )
+    assert "flash-attn-source-sm" in {r.rule for r in bad.reasons}
+
+
+def test_range_triton_pin_is_resolved_data_and_pinned_in_the_image(
+    kb: Knowledge, matrix: MatrixConfig
+) -> None:
+    pin = kb.torch["2.14.1"].triton
+    assert pin.requires == "~=3.8.0" and pin.version == "3.8.0" and pin.is_range and pin.resolved
+    assert not kb.torch["2.13.0"].triton.is_range
+    kept = check(kb, matrix, "h100", "13.0", "2.14.1", "3.12")
+    assert kept.plan is not None and kept.plan.triton == "keep" and kept.plan.triton_pin == "triton==3.8.0"
+    exact = check(kb, matrix, "h100", "13.0", "2.13.0", "3.12")
+    assert exact.plan is not None and exact.plan.triton_pin is None  # torch's own == pin decides
+
+
+def test_python_hint_offers_only_values_that_pass_every_rule(kb: Knowledge, matrix: MatrixConfig) -> None:
+    cell = check(kb, matrix, "a100", "12.4", "2.4.1", "3.12")
+    hint = next(r.message for r in cell.reasons if r.rule == "python-base-os")
+    # Ubuntu 20.04's Python 3.8 passes the base-OS rule but fails the stack rule: not offered.
+    assert hint.endswith("use Python 3.10"), hint
+
+
+def test_explain_completes_unspecified_axes(kb: Knowledge, matrix: MatrixConfig) -> None:
+    cell = resolve.explain(matrix, kb, "v100", overrides={"torch": "2.4.1", "cuda": "12.1"}, dtype=None)
+    assert cell.valid and cell.spec.python == "3.10" and cell.spec.flash_attn == "none"
+    assert cell.filled == ("python", "flash_attn") and not cell.recommended
+    # Values outside the matrix axes come from the knowledge base when the axes have none.
+    old = resolve.explain(matrix, kb, "a100", overrides={"torch": "2.5.1"}, dtype=None)
+    assert old.valid and old.spec.cuda in kb.torch["2.5.1"].variants and "cuda" in old.filled
+    rec = resolve.explain(matrix, kb, "v100", overrides={}, dtype=None)
+    assert rec.recommended and rec.filled == ("cuda", "torch", "python", "flash_attn")
+
+
+def test_explain_invalid_names_the_blocking_axis(kb: Knowledge, matrix: MatrixConfig) -> None:
+    cell = resolve.explain(matrix, kb, "v100", overrides={"torch": "2.15.0"}, dtype=None)
+    assert not cell.valid and cell.blocking == ("torch",)
+    bf16 = resolve.explain(matrix, kb, "v100", overrides={}, dtype="bf16")
+    assert not bf16.valid and bf16.blocking == ("dtype",)
+
+
+@pytest.mark.parametrize(("target", "dtype"), [("v100", "fp32"), ("a100", "fp16")])
+def test_explain_dtype_never_invents_an_image(
+    kb: Knowledge, matrix: MatrixConfig, target: str, dtype: str
+) -> None:
+    cell = resolve.explain(matrix, kb, target, overrides={}, dtype=dtype)
+    assert cell.valid and not cell.recommended and cell.plan is not None
+    assert cell.plan.tags == () and f"{target}-{dtype}" not in str(cell.plan.tags)
+    assert "dtype-not-built" in {n.rule for n in cell.notes}
+    same = resolve.explain(matrix, kb, "v100", overrides={}, dtype="fp16")
+    assert same.recommended
+
+
+def test_wheel_policy_is_explained_on_ampere_images(kb: Knowledge, matrix: MatrixConfig) -> None:
+    a100 = resolve.resolve(matrix, kb).recommended("a100")
+    note = next(n for n in a100.notes if n.rule == "flash-attn-wheel-policy")
+    assert f"torch {a100.spec.torch} only because" in note.message

@@ -307,6 +307,7 @@ def run_cli(
     import builder.engine
 
     monkeypatch.setattr(builder.engine, "DockerEngine", lambda *a, **k: engine)
+    monkeypatch.setattr(builder.engine, "local_snapshot", lambda *a, **k: None)  # the fake is the engine
     monkeypatch.setattr(
         hostprobe, "probe_gpus", lambda *a, **k: GpuProbe("nvidia-smi" if gpus else "none", tuple(gpus))
     )

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 WORKFLOW = Path(__file__).resolve().parent.parent / ".github" / "workflows" / "images.yml"
@@ -61,15 +62,20 @@ def test_write_permissions_only_on_trusted_events() -> None:
             assert never_on_pull_requests(job), f"{name} uses a secret on pull requests"
 
 
-def test_checkouts_do_not_persist_credentials() -> None:
-    for name, job in workflow()["jobs"].items():
+WORKFLOWS = sorted(WORKFLOW.parent.glob("*.yml"))
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
+def test_checkouts_do_not_persist_credentials(path: Path) -> None:
+    for name, job in yaml.safe_load(path.read_text())["jobs"].items():
         for step in steps(job):
             if str(step.get("uses", "")).startswith("actions/checkout@"):
                 assert (step.get("with") or {}).get("persist-credentials") is False, name
 
 
-def test_third_party_actions_are_pinned_by_commit() -> None:
-    text = WORKFLOW.read_text()
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
+def test_third_party_actions_are_pinned_by_commit(path: Path) -> None:
+    text = path.read_text()
     refs = re.findall(r"uses:\s*([^\s#]+)(\s*#\s*(\S+))?", text)
     assert refs
     for ref, _, tag in refs:

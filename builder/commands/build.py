@@ -43,9 +43,11 @@ BUILD_OPTIONS = (
 @click.pass_obj
 def build(obj: Context, /, selectors: tuple[str, ...], **cli: object) -> None:
     """Build (and tag, and optionally push) the selected images; none selected means all."""
+    import time
+
     from builder import build as building
     from builder import jobs, resolve
-    from builder.engine import CommandLog, DockerEngine
+    from builder.engine import CommandLog, DockerEngine, local_snapshot
     from builder.errors import ConfigError
 
     cfg, kb, res = obj.load()
@@ -55,7 +57,17 @@ def build(obj: Context, /, selectors: tuple[str, ...], **cli: object) -> None:
         raise ConfigError("--push needs --registry HOST[:PORT]/NAMESPACE (or registry: in matrix.yaml)")
     project = obj.project
     jobs.check_inputs(project, options)
-    plan = jobs.plan_jobs(project, res, kb, resolve.select(res, selectors), options)
+    plan = obj.jobs(res, kb, resolve.select(res, selectors), options)
+    if not options.dry_run and not options.push:
+        started = time.time()
+        snapshot = local_snapshot(cfg.image)
+        fresh = building.up_to_date(plan, snapshot)
+        if fresh is not None and snapshot is not None:
+            for r in fresh:
+                click.echo(f"{r.image}: up-to-date ({(r.image_id or '')[:19]}, {r.tags[-1]})", err=True)
+            path = building.record(project, fresh, options, snapshot.engine_version, started)
+            click.echo(f"report: {path.relative_to(project.root)}", err=True)
+            return
     if options.dry_run:
         for line in settings.lines():
             click.echo(f"# {line}")

@@ -7,7 +7,7 @@ import contextlib
 import functools
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
@@ -19,8 +19,9 @@ from builder.project import Project
 
 if TYPE_CHECKING:
     from builder.config import MatrixConfig
+    from builder.jobs import BuildJob, BuildOptions
     from builder.knowledge import Knowledge
-    from builder.resolve import Resolution
+    from builder.resolve import Cell, Resolution
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -36,11 +37,42 @@ class Context:
         return Project(self.matrix_path.resolve())
 
     def load(self) -> tuple[MatrixConfig, Knowledge, Resolution]:
-        from builder import config, knowledge, resolve
+        """The matrix, the knowledge base and the resolution, memoized on what determines them."""
+        from builder import config, knowledge, memo, resolve
 
-        cfg = config.load(self.matrix_path)
-        kb = knowledge.load()
-        return cfg, kb, resolve.resolve(cfg, kb)
+        def compute() -> tuple[MatrixConfig, Knowledge, Resolution]:
+            cfg = config.load(self.matrix_path)
+            kb = knowledge.load()
+            return cfg, kb, resolve.resolve(cfg, kb)
+
+        key = self._load_key()
+        return compute() if key is None else memo.cached(self.project.memo, key, compute)
+
+    def _load_key(self) -> str | None:
+        from builder import memo
+
+        try:
+            text = self.matrix_path.read_bytes()
+        except OSError:
+            return None  # config.load says what is wrong
+        return memo.digest(["load", memo.builder_sources(), str(self.matrix_path.resolve()), text])
+
+    def jobs(
+        self, res: Resolution, kb: Knowledge, cells: Sequence[Cell], options: BuildOptions
+    ) -> list[BuildJob]:
+        """`jobs.plan_jobs`, memoized on the resolution, the runtime/ tree and the options that matter."""
+        from builder import jobs, memo
+
+        project = self.project
+        key = self._load_key()
+
+        def compute() -> list[BuildJob]:
+            return jobs.plan_jobs(project, res, kb, cells, options)
+
+        if key is None or not project.runtime.is_dir():
+            return compute()
+        parts = [key, memo.tree_stamp(project.runtime), repr(options.base_map), *(c.id for c in cells)]
+        return memo.cached(project.memo, memo.digest(["jobs", *parts]), compute)
 
     def settings(
         self, cli: Mapping[str, Any], names: Iterable[str] | None = None, cfg: MatrixConfig | None = None

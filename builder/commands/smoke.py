@@ -43,6 +43,7 @@ from builder.smoke import (
 @option("docker")
 @option("as_json", help="Print the report (smoke.json) on stdout.")
 @click.option("--no-audit", is_flag=True, help="Skip the kernel-coverage audit of GPU images.")
+@click.option("--rerun", is_flag=True, help="Run every image again, even where a passing verdict is cached.")
 @option("cuobjdump_wheelhouse")
 @option("cuobjdump")
 @click.option("--env", "env_items", multiple=True, hidden=True, help="KEY=VALUE for every container (tests).")
@@ -57,6 +58,7 @@ def command(
     model: Path | None,
     cpu_only: bool,
     no_audit: bool,
+    rerun: bool,
     env_items: tuple[str, ...],
     **cli: Any,
 ) -> None:
@@ -74,7 +76,12 @@ def command(
         raise ConfigError("--timeout must be positive")
     settings = obj.settings(cli)
     options = Options(
-        steps=steps, timeout=timeout, model=model, env=smoke.parse_env(env_items), cpu_only=cpu_only
+        steps=steps,
+        timeout=timeout,
+        model=model,
+        env=smoke.parse_env(env_items),
+        cpu_only=cpu_only,
+        rerun=rerun,
     )
     audit_options = (
         None
@@ -86,6 +93,9 @@ def command(
     console = stderr_console()
 
     def on_step(plan: ImagePlan, step: str, result: StepResult | None) -> None:
+        if step == "cached":
+            console.print(f"{plan.name}: passed before with this image and host (cached)", markup=False)
+            return
         if result is None:
             where = f"gpu ({plan.gpu_name})" if plan.gpu else "cpu"
             console.print(f"{plan.name}: {step} on {where} …", markup=False)
@@ -122,6 +132,8 @@ def summary_table(report: Mapping[str, Any]) -> Any:
         table.add_column(col, overflow="fold")
     for row in report["images"]:
         result = "[green]pass[/]" if row["ok"] else "[bold red]FAIL[/]"
+        if row.get("cached"):
+            result += f" (cached {row['cached']['at']}, {escape(row['cached']['host'])})"
         detail = ", ".join(row["failed_checks"]) or ""
         if row["note"]:
             detail = f"{detail}; {row['note']}" if detail else row["note"]

@@ -43,10 +43,19 @@ class Arch:
 
 @dataclass(frozen=True)
 class TritonPin:
+    """torch's Requires-Dist on triton: `requires` as published, `version` what pip picks for it."""
+
     version: str
     python_below: str | None
     confidence: str
     source: str
+    requires: str = ""
+    resolved: str | None = None
+
+    @property
+    def is_range(self) -> bool:
+        """True when the published requirement leaves pip a choice (`~=3.8.0`), not `==X`."""
+        return not self.requires.startswith("==")
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,7 @@ class TorchRelease:
     triton: TritonPin
     cxx11_abi: dict[str, bool]
     source: str
+    python_excluded: tuple[str, ...] = ()  # published, deliberately not offered (see `source`)
 
     def abi(self, variant: str) -> bool:
         return self.cxx11_abi[variant]
@@ -74,12 +84,38 @@ class ArchList:
 
 
 @dataclass(frozen=True)
+class PtxStrip:
+    """A release-only removal of "+PTX": release wheels of these carry no PTX."""
+
+    torch: SpecifierSet
+    variants: tuple[str, ...]
+    pr: str
+    source: str
+
+
+@dataclass(frozen=True)
+class Mislabelled:
+    """Prebuilt wheels whose cxx11abi name does not match the ABI they were built with."""
+
+    torch: str
+    abi: bool
+    why: str
+    source: str
+
+
+@dataclass(frozen=True)
 class WheelMatrix:
     torch: tuple[str, ...]
     cuda: tuple[str, ...]
     python: tuple[str, ...]
     abi: tuple[bool, ...]
     excluded: tuple[dict[str, str], ...] = ()
+    nvcc: str | None = None
+    known: bool = True
+    mislabelled: tuple[Mislabelled, ...] = ()
+
+    def mislabel(self, *, torch_mm: str, abi: bool) -> Mislabelled | None:
+        return next((m for m in self.mislabelled if m.torch == torch_mm and m.abi == abi), None)
 
     def has(self, *, torch_mm: str, cuda_major: str, python: str, abi: bool) -> bool:
         if torch_mm not in self.torch or cuda_major not in self.cuda:
@@ -101,6 +137,17 @@ class FlashAttnRelease:
     wheels: WheelMatrix
     source: str
     conflict: str | None = None
+    runtime_sm: tuple[tuple[int, int | None], ...] = ((80, None),)
+    compiled_sm: tuple[tuple[int, str], ...] = ()
+
+    def runs_on(self, sm: int) -> bool:
+        """Whether flash_api.cpp's capability check accepts this GPU."""
+        return any(lo <= sm and (hi is None or sm <= hi) for lo, hi in self.runtime_sm)
+
+    def compiled_for(self, nvcc: str) -> tuple[int, ...]:
+        """The SMs setup.py compiles cubins for with this nvcc (the FLASH_ATTN_CUDA_ARCHS default)."""
+        v = Version(nvcc)
+        return tuple(sm for sm, floor in self.compiled_sm if v >= Version(floor))
 
 
 @dataclass(frozen=True)
@@ -165,7 +212,9 @@ class Knowledge:
     torch: dict[str, TorchRelease]
     torch_index_url: str
     arch_lists: tuple[ArchList, ...]
+    ptx_strips: tuple[PtxStrip, ...]
     triton_rows: tuple[tuple[SpecifierSet, int, str], ...]
+    triton_sm_min: tuple[tuple[int, str, str], ...]
     triton_auto_remove_below: int
     triton_auto_remove_source: str
     flash_attn: dict[str, FlashAttnRelease]
@@ -186,6 +235,7 @@ class Knowledge:
     distros: tuple[Distro, ...]
     stack: dict[str, tuple[StackPin, ...]]
     stack_minimums: dict[str, tuple[str, str]]
+    stack_watch: dict[str, tuple[str, str]]
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     # -- lookups used by the resolver -------------------------------------------------
@@ -204,6 +254,18 @@ class Knowledge:
             if variant in row.variants and v in row.torch:
                 return row
         return None
+
+    def ptx_strip(self, torch_version: str, variant: str) -> PtxStrip | None:
+        v = Version(torch_version)
+        return next((s for s in self.ptx_strips if variant in s.variants and v in s.torch), None)
+
+    def triton_min_version(self, sm: int) -> tuple[str, str] | None:
+        """The lowest Triton whose ptxas knows `sm` (same major, highest listed minor <= sm)."""
+        rows = [r for r in self.triton_sm_min if r[0] // 10 == sm // 10 and r[0] <= sm]
+        if not rows:
+            return None
+        _, version, source = max(rows, key=lambda r: r[0])
+        return version, source
 
     def triton_min_sm(self, triton_version: str) -> tuple[int, str]:
         v = Version(triton_version)
@@ -265,6 +327,48 @@ def _strs(items: Any) -> tuple[str, ...]:
     return tuple(str(i) for i in items)
 
 
+def _ptx_strips(rows: list[dict[str, Any]], releases: dict[str, TorchRelease]) -> tuple[PtxStrip, ...]:
+    """Each strip must name a variant some release it covers publishes, or it is a typo."""
+    strips = []
+    for s in rows:
+        strip = PtxStrip(
+            torch=SpecifierSet(str(s["torch"])),
+            variants=_strs(s["variants"]),
+            pr=str(s["pr"]),
+            source=str(s["source"]),
+        )
+        published = {v for r in releases.values() if Version(r.version) in strip.torch for v in r.variants}
+        if not set(strip.variants) & published:
+            raise KnowledgeError(
+                f"ptx_strips {strip.pr}: no torch {strip.torch} release publishes {strip.variants}"
+            )
+        strips.append(strip)
+    return tuple(strips)
+
+
+def _triton_pin(torch_version: str, t: dict[str, Any]) -> TritonPin:
+    """torch's triton requirement; the chosen version must satisfy it (a range is resolved as data)."""
+    version = str(t["version"])
+    requires = str(t.get("requires") or f"=={version}")
+    if Version(version) not in SpecifierSet(requires):
+        raise KnowledgeError(
+            f"torch {torch_version}: triton {version} does not satisfy its requirement {requires}"
+        )
+    if not requires.startswith("==") and not t.get("resolved"):
+        raise KnowledgeError(
+            f"torch {torch_version}: triton {requires} is a range; "
+            f"record how {version} was chosen in `resolved`"
+        )
+    return TritonPin(
+        version=version,
+        python_below=t.get("python_below"),
+        confidence=str(t["confidence"]),
+        source=str(t["source"]),
+        requires=requires,
+        resolved=t.get("resolved"),
+    )
+
+
 @cache
 def load() -> Knowledge:
     """Load and type-check every knowledge file once per process."""
@@ -301,24 +405,42 @@ def _build(
         )
         if set(abi_map) != set(variants):
             raise KnowledgeError(f"torch {r['version']}: cxx11_abi must cover every variant")
-        t = r["triton"]
+        pin = _triton_pin(str(r["version"]), r["triton"])
+        if set(_strs(r.get("python_excluded", []))) & set(_strs(r["python"])):
+            raise KnowledgeError(
+                f"torch {r['version']}: a Python cannot be both in python and python_excluded"
+            )
+        if str(r["pypi_default"]) not in variants:
+            raise KnowledgeError(f"torch {r['version']}: pypi_default {r['pypi_default']} is not a variant")
         torch_releases[str(r["version"])] = TorchRelease(
             version=str(r["version"]),
             variants=variants,
             pypi_default=str(r["pypi_default"]),
             python=_strs(r["python"]),
-            triton=TritonPin(
-                version=str(t["version"]),
-                python_below=t.get("python_below"),
-                confidence=str(t["confidence"]),
-                source=str(t["source"]),
-            ),
+            triton=pin,
+            python_excluded=_strs(r.get("python_excluded", [])),
             cxx11_abi=abi_map,
             source=str(r["source"]),
         )
     fa_releases = {}
     for r in fa["releases"]:
         w = r["wheels"]
+        runtime_sm = tuple(
+            (int(lo), None if hi is None else int(hi))
+            for lo, hi in r.get("runtime_sm", [[r["min_sm"], None]])
+        )
+        if any(hi is not None and hi < lo for lo, hi in runtime_sm) or min(lo for lo, _ in runtime_sm) != int(
+            r["min_sm"]
+        ):
+            raise KnowledgeError(
+                f"flash-attn {r['version']}: runtime_sm must start at min_sm and be [lo, hi]"
+            )
+        compiled_sm = tuple((int(c["sm"]), str(Version(str(c["nvcc"])))) for c in r.get("compiled_sm", []))
+        known = bool(w.get("known", True))
+        if known and w.get("nvcc") is None:
+            raise KnowledgeError(
+                f"flash-attn {r['version']}: wheels.nvcc (the CUDA publish.yml built with) is required"
+            )
         fa_releases[str(r["version"])] = FlashAttnRelease(
             version=str(r["version"]),
             min_sm=int(r["min_sm"]),
@@ -332,9 +454,19 @@ def _build(
                 python=_strs(w["python"]),
                 abi=tuple(bool(a) for a in w["abi"]),
                 excluded=tuple({str(k): str(v) for k, v in ex.items()} for ex in w.get("except", [])),
+                nvcc=None if w.get("nvcc") is None else str(Version(str(w["nvcc"]))),
+                known=known,
+                mislabelled=tuple(
+                    Mislabelled(
+                        torch=str(m["torch"]), abi=bool(m["abi"]), why=str(m["why"]), source=str(m["source"])
+                    )
+                    for m in w.get("mislabelled", [])
+                ),
             ),
             source=str(r["source"]),
             conflict=r.get("conflict"),
+            runtime_sm=runtime_sm,
+            compiled_sm=compiled_sm,
         )
     return Knowledge(
         gpus=tuple(
@@ -364,8 +496,13 @@ def _build(
             )
             for a in torch["arch_lists"]
         ),
+        ptx_strips=_ptx_strips(torch.get("ptx_strips", []), torch_releases),
         triton_rows=tuple(
             (SpecifierSet(str(r["version"])), int(r["sm"]), str(r["source"])) for r in triton["min_sm"]
+        ),
+        triton_sm_min=tuple(
+            (int(r["sm"]), str(Version(str(r["version"]))), str(r["source"]))
+            for r in triton.get("sm_min_version", [])
         ),
         triton_auto_remove_below=int(triton["auto_remove_below_sm"]),
         triton_auto_remove_source=str(triton["auto_remove_source"]),
@@ -445,5 +582,8 @@ def _build(
             for name, pins in stack["packages"].items()
         },
         stack_minimums={name: (str(m["version"]), str(m["source"])) for name, m in stack["minimums"].items()},
+        stack_watch={
+            name: (str(m["version"]), str(m["source"])) for name, m in stack.get("watch", {}).items()
+        },
         raw={"torch": torch, "gpus": gpus, "triton": triton, "flash_attn": fa, "cuda": cuda},
     )

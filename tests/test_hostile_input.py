@@ -51,11 +51,11 @@ def test_bad_target_names_are_refused(tmp_path: Path, name: str) -> None:
 
 def test_bad_target_name_is_one_line_and_writes_nothing(project_copy: Path) -> None:
     matrix = project_copy / "matrix.yaml"
-    matrix.write_text(_with_target("../../outside"))
+    matrix.write_text(_with_target("../../escaped-by-render"))
     before = sorted(project_copy.rglob("*"))
     assert_one_line_error(run_cli("--matrix", str(matrix), "render"), "not a valid target name")
     assert sorted(project_copy.rglob("*")) == before
-    assert not list(project_copy.parent.glob("outside*"))
+    assert not list(project_copy.parent.glob("escaped-by-render*"))
 
 
 @pytest.mark.parametrize(
@@ -243,7 +243,7 @@ def test_exclude_matching_a_cell_is_accepted(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "change",
     [
-        ('torch: ["2.8.0", "2.13.0"]', 'torch: ["2.8.0\\n", "2.13.0"]'),
+        ('torch: ["2.8.0", ', 'torch: ["2.8.0\\n", '),
         ('python: ["3.10", "3.12"]', 'python: ["3.10", "3.12\\n"]'),
         ('cuda: ["12.6", "12.8", "13.0"]', 'cuda: ["12.6\\n", "12.8"]'),
         ('flash_attn: ["2.8.3", "none"]', 'flash_attn: ["2.8.3", "none\\n"]'),

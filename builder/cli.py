@@ -79,9 +79,18 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("interrupted", err=True)
         sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
+    except click.ClickException as exc:  # usage errors too: one `error:` line, like every other
+        from builder.errors import one_line
+
+        ctx = exc.ctx if isinstance(exc, click.UsageError) else None
+        hint = f"; see `{ctx.command_path} --help`" if ctx else ""
+        click.echo(f"error: {one_line(exc.format_message()).rstrip('.')}{hint}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except OSError as exc:  # a file-system problem no stage anticipated: still one line
+        from builder.errors import ConfigError
+        from builder.fsio import problem
+
+        _fail(ConfigError(problem(exc, Path(exc.filename or "?"))), debug)

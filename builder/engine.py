@@ -452,8 +452,10 @@ class DockerEngine:
         argv = [*self._build_argv, "--progress=plain", "--iidfile", str(iidfile), "-f", str(req.dockerfile)]
         for key, value in sorted(req.build_args.items()):
             argv += ["--build-arg", f"{key}={value}"]
-        for key, value in sorted(req.proxies.items()):
-            argv += ["--build-arg", f"{key}={value}"]
+        for key in sorted(req.proxies):
+            # Name only: the docker CLI reads the value from its environment (see build()),
+            # so proxy credentials never show in `ps`, commands.sh, the log or --dry-run.
+            argv += ["--build-arg", key]
         for key, value in sorted(req.labels.items()):
             argv += ["--label", f"{key}={value}"]
         for sid, src in sorted(req.secrets.items()):
@@ -468,8 +470,9 @@ class DockerEngine:
         iidfile = log.with_suffix(".iid")
         iidfile.unlink(missing_ok=True)
         argv, extra_env = self.build_argv(req, iidfile)
-        self.commands.record(argv, extra_env, comment=f"build {req.name}")
-        env = {**os.environ, **extra_env}
+        proxy_note = f"; reads {', '.join(sorted(req.proxies))} from the environment" if req.proxies else ""
+        self.commands.record(argv, extra_env, comment=f"build {req.name}{proxy_note}")
+        env = {**os.environ, **extra_env, **req.proxies}
         last_step = None
         failed_step = None
         steps: dict[str, str] = {}

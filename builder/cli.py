@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -70,8 +71,15 @@ def _fail(exc: FatalError, debug: bool) -> NoReturn:
     sys.exit(exc.exit_code)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    # SIGTERM (a CI runner cancelling, `kill`) takes the Ctrl-C path: builds and pushes are
+    # cancelled, the record says what was already pushed, and no tag moves half-way.
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     debug = "--debug" in sys.argv
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         cli.main(standalone_mode=False)
     except FatalError as exc:

@@ -464,6 +464,33 @@ def _axes(raw: Mapping[str, Any] | None, base: Axes) -> Axes:
     )
 
 
+# Every candidate cell is checked against every rule; `matrix --all` lists them all. Far past
+# any real fleet (8 targets x 4 CUDA x 4 torch x 3 Python x 3 flash-attn is 1,152), a typo'd
+# or hostile matrix would otherwise take minutes and gigabytes before saying anything.
+MAX_CELLS_PER_TARGET = 2_000
+MAX_CELLS = 20_000
+MAX_TARGETS = 200
+
+
+def _check_size(path: Path, targets: Mapping[str, TargetConfig], includes: int) -> None:
+    if len(targets) > MAX_TARGETS:
+        raise ConfigError(f"{path}: {len(targets)} targets; the limit is {MAX_TARGETS}: split the matrix")
+    total = includes
+    for name, t in targets.items():
+        cells = len(t.axes.cuda) * len(t.axes.torch) * len(t.axes.python) * len(t.axes.flash_attn)
+        if cells > MAX_CELLS_PER_TARGET:
+            raise ConfigError(
+                f"{path}: targets.{name}: its axes make {cells:,} candidate cells; the limit is "
+                f"{MAX_CELLS_PER_TARGET:,} per target: list fewer values (or exclude: them)"
+            )
+        total += cells
+    if total > MAX_CELLS:
+        raise ConfigError(
+            f"{path}: the matrix makes {total:,} candidate cells; the limit is {MAX_CELLS:,}: "
+            "list fewer axis values, or split it into several matrix files (-f)"
+        )
+
+
 def _freeze(data: Mapping[str, Any], path: Path) -> MatrixConfig:
     axes = _axes(data.get("axes"), DEFAULT_AXES)
     targets: dict[str, TargetConfig] = {}
@@ -497,6 +524,7 @@ def _freeze(data: Mapping[str, Any], path: Path) -> MatrixConfig:
                 raw.get("runner_labels", ("self-hosted", "gpu", f"sm_{sm}") if sm else ("ubuntu-latest",))
             ),
         )
+    _check_size(path, targets, len(data.get("include", [])))
     include = []
     for i, inc in enumerate(data.get("include", [])):
         if inc["target"] not in targets:

@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from builder.errors import Busy
 from builder.fsio import ensure_dir, problem
@@ -54,3 +55,24 @@ def _holder(fd: int) -> str:
             return text
         time.sleep(0.01)
     return "pid unknown"
+
+
+@contextmanager
+def push_lock(remote_ref: str) -> Iterator[None]:
+    """Serialise `docker tag` + `docker push` of one remote name across every run on this host.
+
+    `docker push` sends whatever the local name points at when it starts, and that name is
+    shared by all runs on the host; the lock keeps another run from retagging it between
+    our tag and our push. Blocking, because the other push ends on its own.
+    """
+    import hashlib
+    import tempfile
+
+    name = hashlib.sha256(remote_ref.encode()).hexdigest()[:24]
+    path = Path(tempfile.gettempdir()) / f"qwen-ft-push-{name}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

@@ -95,8 +95,9 @@ CASES = [
         "oversized-target",
         GOOD.replace(
             "    sm: 70\n",
-            "    sm: 70\n    axes: {cuda: [%s], torch: [%s], python: [%s], flash_attn: [%s]}\n"
-            % tuple(", ".join(f'"{a}.{i}"' for i in range(30)) for a in ("12", "2", "3", "2")),
+            "    sm: 70\n    axes: {{cuda: [{}], torch: [{}], python: [{}], flash_attn: [{}]}}\n".format(
+                *(", ".join(f'"{a}.{i}"' for i in range(30)) for a in ("12", "2", "3", "2"))
+            ),
         ),
         ["targets.v100: its axes make 810,000 candidate cells; the limit is 2,000 per target"],
     ),

@@ -24,6 +24,7 @@ from builder.contract import qualify
 from builder.engine import BuildRequest, DockerEngine, Engine
 from builder.errors import RegistryError
 from builder.jobs import CA_SECRET_ID, BuildJob, BuildOptions
+from builder.lock import push_lock
 from builder.project import Project
 from builder.record import ImageResult, record
 
@@ -135,10 +136,10 @@ def run(
         for ref in job.tags:
             if engine.image_id(ref) != image_id:
                 engine.tag(image_id, ref)
-        pushed: dict[str, str] = {}
+        pushed = results[job.name].pushed  # filled as tags land: an interrupted run can say what it pushed
         if options.push and options.registry:
             try:
-                pushed = push_image(engine, job, image_id, options.registry, force=options.force)
+                push_image(engine, job, image_id, options.registry, force=options.force, pushed=pushed)
             except RegistryError as exc:
                 update(
                     job.name,
@@ -180,8 +181,31 @@ def run(
             for r in results.values():
                 if r.status in ("queued", "building"):
                     r.status = "interrupted"
-            raise
+            raise RunInterrupted([results[job.name] for job in jobs]) from None
     return [results[job.name] for job in jobs]
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during `run`, with every image's state at that moment."""
+
+    def __init__(self, results: list[ImageResult]) -> None:
+        super().__init__()
+        self.results = results
+
+
+def interrupted_message(results: Sequence[ImageResult]) -> str:
+    """The truth about an interrupted run: which tags it had already pushed."""
+    pushed = [ref for r in results for ref in r.pushed]
+    tagged = [r.image for r in results if r.status in ("built", "up-to-date")]
+    if pushed:
+        return (
+            f"interrupted: running builds and pushes were cancelled; already pushed: {', '.join(pushed)}; "
+            "see build/report.json"
+        )
+    if tagged:
+        done = ", ".join(tagged)
+        return f"interrupted: running builds were cancelled; finished and tagged before that: {done}"
+    return "interrupted: running builds were cancelled; no tag was moved"
 
 
 def cancel_builds(engine: Engine) -> None:
@@ -190,32 +214,59 @@ def cancel_builds(engine: Engine) -> None:
         stop()
 
 
-def push_image(engine: Engine, job: BuildJob, image_id: str, registry: str, *, force: bool) -> dict[str, str]:
-    """Push alias (moves), pinned and content tags (immutable), then pull each back to verify."""
-    alias_refs = set(job.tags[:1]) if job.cell.recommended else set()
-    pushed: dict[str, str] = {}
-    for ref in job.tags:
-        target = qualify(ref, registry)
-        if ref not in alias_refs:
-            existing = engine.remote_digest(target)
-            if existing is not None:
-                repo = target.rsplit(":", 1)[0]
-                same = f"{repo}@{existing}" in engine.repo_digests(image_id)
-                if same:
-                    pushed[target] = existing
-                    continue
-                if not force:
-                    raise RegistryError(
-                        f"{target} already exists with digest {existing[:19]}… and is immutable; "
-                        "bump the matrix (new pinned tag) or pass --force"
-                    )
-        engine.tag(image_id, target)
-        pushed[target] = engine.push(target)
-    for target, digest in pushed.items():
-        engine.pull(target)
+def push_image(
+    engine: Engine,
+    job: BuildJob,
+    image_id: str,
+    registry: str,
+    *,
+    force: bool,
+    pushed: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """Push alias (moves), pinned and content tags (immutable), then prove the registry holds
+    this run's image under each.
+
+    1. Every immutable tag is checked before any tag is pushed, so a refusal moves nothing.
+    2. Each tag is pushed under a host-wide lock for that remote name: `docker push` pushes
+       whatever the shared local name points at, and a concurrent run could retag it.
+    3. Each pushed digest is pulled back by digest, and the pulled image must be the one
+       this run built (same image ID), or the push is reported as failed.
+
+    `pushed` is filled as tags land, so an interrupted run can say what it already pushed.
+    """
+    pushed = {} if pushed is None else pushed
+    targets = [qualify(ref, registry) for ref in job.tags]
+    moving = {targets[0]} if job.cell.recommended else set()
+    ours: dict[str, str] = {}
+    for target in targets:
+        if target in moving:
+            continue
+        existing = engine.remote_digest(target)
+        if existing is None:
+            continue
         repo = target.rsplit(":", 1)[0]
-        if f"{repo}@{digest}" not in engine.repo_digests(target):
-            raise RegistryError(f"{target}: pulled image does not carry the pushed digest {digest}")
+        if f"{repo}@{existing}" in engine.repo_digests(image_id):
+            ours[target] = existing
+        elif not force:
+            raise RegistryError(
+                f"{target} already exists with digest {existing[:19]}… and is immutable; "
+                "bump the matrix (new pinned tag) or pass --force; nothing was pushed"
+            )
+    for target in targets:
+        if target in ours:
+            pushed[target] = ours[target]
+            continue
+        with push_lock(target):
+            engine.tag(image_id, target)
+            pushed[target] = engine.push(target)
+    for target, digest in pushed.items():
+        repo = target.rsplit(":", 1)[0]
+        got = engine.pull(f"{repo}@{digest}")
+        if got != image_id:
+            raise RegistryError(
+                f"{target}: the registry holds {got[:19]}… under the pushed digest, not this run's "
+                f"image {image_id[:19]}… (a concurrent push to the same tag?)"
+            )
     return pushed
 
 
@@ -248,10 +299,11 @@ def execute(
     started = time.time()
     try:
         results = run(project, jobs, engine, options, on_change=on_change)
-    except KeyboardInterrupt:
+    except RunInterrupted as stop:
         from builder.errors import Interrupted
 
-        raise Interrupted("interrupted: running builds were cancelled; no tag was moved") from None
+        record(project, stop.results, options, engine_version, started)
+        raise Interrupted(interrupted_message(stop.results)) from None
     return BuildRun(results, record(project, results, options, engine_version, started))
 
 

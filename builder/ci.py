@@ -10,11 +10,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from builder.errors import ConfigError
 from builder.images import BUILD_PLATFORM, CONTEXT_DIR, ImageFacts
 
 
 def entry(f: ImageFacts) -> dict[str, Any]:
     """One `include` entry. Field names are part of the workflow's contract: keep them."""
+    for key, value in f.args.items():
+        # build_args is line-separated below: a line break would smuggle in another arg.
+        if "\n" in value or "\r" in value:
+            raise ConfigError(f"{f.id}: build arg {key} holds a line break; it cannot go into the CI matrix")
     cell = f.cell
     return {
         "id": f.id,

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder import contract
+from builder import contract, names
 from builder.content import content_hash, hash_tag
 from builder.errors import RenderCheckError
 
@@ -68,6 +68,9 @@ def build_args(cell: Cell, rules: Sequence[tuple[str, str]]) -> dict[str, str]:
     args = {"BASE_IMAGE": map_base(plan.base_image, rules), "TORCH_INDEX_URL": plan.torch.index_url or ""}
     if plan.flash_attn.builder_image:
         args["BUILDER_IMAGE"] = map_base(plan.flash_attn.builder_image, rules)
+    for name in ("BASE_IMAGE", "BUILDER_IMAGE"):
+        if name in args:  # a rule's '*' can still splice into something that is no reference
+            names.check_reference(args[name], f"{cell.id}: {name} after --base-map/base_map")
     return args
 
 
@@ -119,7 +122,7 @@ def check_committed(project: Project, jobs: Sequence[BuildJob]) -> None:
 
 
 def check_inputs(project: Project, options: BuildOptions) -> None:
-    options.check(project.runtime)
+    options.check(project)
 
 
 _HASH_TAG = re.compile(r"^(?P<target>[A-Za-z0-9_.-]+)-(?P<digest>[0-9a-f]{12})$")

@@ -12,9 +12,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from builder import names
 from builder.errors import ConfigError
+
+if TYPE_CHECKING:
+    from builder.project import Project
 
 Kind = Literal["str", "path", "int", "float", "flag", "multi"]
 
@@ -29,6 +33,7 @@ class Option:
     matrix_key: str | None = None  # a top-level key of matrix.yaml
     default: Any = None
     metavar: str | None = None
+    secret: bool = False  # may carry credentials: shown redacted (builder/proxy.py)
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -71,9 +76,22 @@ OPTIONS: tuple[Option, ...] = (
         kind="path",
         env="QWEN_FT_CA_BUNDLE",
     ),
-    Option("http_proxy", ("--http-proxy",), "Proxy for the build only (never stored in the image)."),
-    Option("https_proxy", ("--https-proxy",), "Proxy for the build only (never stored in the image)."),
-    Option("no_proxy", ("--no-proxy",), "Hosts that bypass the proxies."),
+    # A flag's value shows in `ps`: a proxy with credentials belongs in the env variable.
+    Option(
+        "http_proxy",
+        ("--http-proxy",),
+        "Proxy for the build only (never in the image); give one with credentials via the env variable.",
+        env="QWEN_FT_HTTP_PROXY",
+        secret=True,
+    ),
+    Option(
+        "https_proxy",
+        ("--https-proxy",),
+        "Proxy for the build only (never in the image); give one with credentials via the env variable.",
+        env="QWEN_FT_HTTPS_PROXY",
+        secret=True,
+    ),
+    Option("no_proxy", ("--no-proxy",), "Hosts that bypass the proxies.", env="QWEN_FT_NO_PROXY"),
     Option("network", ("--network",), "Build network mode, e.g. host."),
     Option("jobs", ("-j", "--jobs"), "Images to build in parallel.", kind="int", default=1),
     Option("fail_fast", ("--fail-fast",), "Stop starting new builds after the first failure.", kind="flag"),
@@ -110,18 +128,29 @@ class BuildOptions:
     network: str | None = None
     dry_run: bool = False
 
-    def check(self, runtime: Path) -> None:
-        _check(self, runtime)
+    def check(self, project: Project) -> None:
+        _check(self, project)
 
 
-def _check(options: BuildOptions, runtime: Path) -> None:
+def _check(options: BuildOptions, project: Project) -> None:
     """Bad build inputs, in one line each, before anything runs."""
+    from builder import names, proxy
+    from builder.content import check_wheelhouse
+
+    if options.registry:
+        names.check_registry(options.registry, "--registry")
+    proxy.check("--http-proxy", options.http_proxy)
+    proxy.check("--https-proxy", options.https_proxy)
+    if project.build.exists() and not project.build.is_dir():
+        raise ConfigError(f"{project.build}: is a file, but build output goes here; move the file away")
     if options.wheelhouse is not None and not options.wheelhouse.is_dir():
         raise ConfigError(f"--wheelhouse {options.wheelhouse}: no such folder; create it or drop the option")
+    if options.wheelhouse is not None:
+        check_wheelhouse(project, options.wheelhouse)
     if options.ca_bundle is not None and not options.ca_bundle.is_file():
         raise ConfigError(f"--ca-bundle {options.ca_bundle}: no such file; pass a PEM bundle")
-    if not runtime.is_dir():
-        raise ConfigError(f"{runtime}: runtime/ folder missing; run from the project root")
+    if not project.runtime.is_dir():
+        raise ConfigError(f"{project.runtime}: runtime/ folder missing; run from the project root")
     if options.jobs < 1:
         raise ConfigError("--jobs must be at least 1")
 
@@ -154,7 +183,9 @@ def parse_base_map(items: Iterable[str]) -> tuple[tuple[str, str], ...]:
                 f"--base-map {item!r}: expected PATTERN=REPLACEMENT, "
                 "e.g. 'nvidia/cuda:*=mirror.local/nvidia/cuda:*'"
             )
-        rules.append((pattern.strip(), target.strip()))
+        rule = (pattern.strip(), target.strip())
+        names.check_base_rule(*rule, f"--base-map {names.shown(item)}")
+        rules.append(rule)
     return tuple(rules)
 
 
@@ -170,7 +201,17 @@ class Settings:
 
     def lines(self) -> list[str]:
         """`name = value (source)` per option, for --dry-run."""
-        return [f"{name} = {self.values[name]!r} ({self.sources[name]})" for name in sorted(self.values)]
+        from builder.proxy import redact
+
+        def shown(name: str) -> Any:
+            value = self.values[name]
+            return (
+                redact(value)
+                if name in BY_NAME and BY_NAME[name].secret and isinstance(value, str)
+                else value
+            )
+
+        return [f"{name} = {shown(name)!r} ({self.sources[name]})" for name in sorted(self.values)]
 
 
 def _convert(option: Option, text: str) -> Any:

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 from packaging.version import Version
 
-from builder import contract
+from builder import contract, names
 from builder.config import CellSpec, MatrixConfig, TargetConfig
 from builder.errors import ConfigError
 from builder.knowledge import Distro, FlashAttnRelease, Knowledge, Mislabelled, TorchRelease
@@ -880,6 +880,8 @@ def finish(cell: Cell, *, image: str, recommended: bool) -> Cell:
     base = cell.plan
     cell = replace(cell, recommended=recommended)
     tags = (cell.alias, cell.pinned) if recommended else (cell.pinned,)
+    for tag in tags:
+        names.check_tag(tag, f"targets.{cell.spec.target}")
     plan = replace(base, tags=tuple(f"{image}:{t}" for t in tags))
     return replace(cell, plan=replace(plan, labels=labels(cell, plan)))
 
@@ -1054,14 +1056,17 @@ def resolve_target(config: MatrixConfig, kb: Knowledge, name: str) -> tuple[list
         )
     candidates = [c for c in candidates if c.spec.key() != chosen.spec.key()]
     images = [finish(chosen, image=config.image, recommended=True)]
-    for inc in config.include:
+    for i, inc in enumerate(config.include):
         if inc.target != name or inc.key() == chosen.spec.key():
             continue
         cell = check(kb, target, inc, origin="include")
-        if isinstance(cell, Cell):
-            images.append(finish(cell, image=config.image, recommended=False))
-        else:
-            excluded.append(cell)
+        if not isinstance(cell, Cell):  # an image asked for by name never vanishes silently
+            why = "; ".join(r.message for r in cell.reasons)
+            raise ConfigError(
+                f"{config.path}: include[{i}] ({cell.id}) is invalid: {why}; "
+                f"fix or remove it (`qwen-ft-images explain {name} ...` shows why)"
+            )
+        images.append(finish(cell, image=config.image, recommended=False))
     # Other valid axis cells are candidates, not images: they appear in `matrix --all`.
     excluded.extend(replace(c, origin="candidate") for c in candidates)
     return images, excluded

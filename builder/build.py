@@ -24,6 +24,7 @@ from builder.contract import qualify
 from builder.engine import BuildRequest, DockerEngine, Engine
 from builder.errors import RegistryError
 from builder.jobs import CA_SECRET_ID, BuildJob, BuildOptions, manifest_lists
+from builder.lock import push_lock
 from builder.project import Project
 from builder.record import ImageResult, record
 from builder.resolve import DEFAULT_PLATFORM
@@ -140,10 +141,10 @@ def run(
         for ref in job.tags:
             if engine.image_id(ref) != image_id:
                 engine.tag(image_id, ref)
-        pushed: dict[str, str] = {}
+        pushed = results[job.name].pushed  # filled as tags land: an interrupted run can say what it pushed
         if options.push and options.registry:
             try:
-                pushed = push_image(engine, job, image_id, options.registry, force=options.force)
+                push_image(engine, job, image_id, options.registry, force=options.force, pushed=pushed)
             except RegistryError as exc:
                 update(
                     job.name,
@@ -168,7 +169,7 @@ def run(
         _run_pool(jobs, one, options, engine, cancel, results)
     except KeyboardInterrupt:
         raise
-    if options.push and options.registry:
+    if options.push and options.registry and options.lists:
         publish(engine, jobs, results, options.registry, force=options.force)
     return [results[job.name] for job in jobs]
 
@@ -202,7 +203,30 @@ def _run_pool(
             for r in results.values():
                 if r.status in ("queued", "building"):
                     r.status = "interrupted"
-            raise
+            raise RunInterrupted([results[job.name] for job in jobs]) from None
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during `run`, with every image's state at that moment."""
+
+    def __init__(self, results: list[ImageResult]) -> None:
+        super().__init__()
+        self.results = results
+
+
+def interrupted_message(results: Sequence[ImageResult]) -> str:
+    """The truth about an interrupted run: which tags it had already pushed."""
+    pushed = [ref for r in results for ref in r.pushed]
+    tagged = [r.image for r in results if r.status in ("built", "up-to-date")]
+    if pushed:
+        return (
+            f"interrupted: running builds and pushes were cancelled; already pushed: {', '.join(pushed)}; "
+            "see build/report.json"
+        )
+    if tagged:
+        done = ", ".join(tagged)
+        return f"interrupted: running builds were cancelled; finished and tagged before that: {done}"
+    return "interrupted: running builds were cancelled; no tag was moved"
 
 
 def cancel_builds(engine: Engine) -> None:
@@ -211,26 +235,85 @@ def cancel_builds(engine: Engine) -> None:
         stop()
 
 
-def push_image(engine: Engine, job: BuildJob, image_id: str, registry: str, *, force: bool) -> dict[str, str]:
-    """Push this platform's image under its content-hash tag (immutable), then pull it back to
-    verify. Alias and pinned tags are published afterwards as manifest lists (`publish`)."""
-    target = qualify(job.hash_ref, registry)
-    repo = target.rsplit(":", 1)[0]
-    existing = engine.remote_digest(target)
-    if existing is not None:
+def push_image(
+    engine: Engine,
+    job: BuildJob,
+    image_id: str,
+    registry: str,
+    *,
+    force: bool,
+    pushed: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """Push this platform's image under its content-hash tag (immutable), then prove the registry
+    holds this run's image under it. Alias and pinned tags are manifest lists (`publish`).
+
+    1. Every immutable tag is checked before any tag is pushed, so a refusal moves nothing.
+    2. Each tag is pushed under a host-wide lock for that remote name: `docker push` pushes
+       whatever the shared local name points at, and a concurrent run could retag it.
+    3. Each pushed digest is pulled back by digest, and the pulled image must be the one
+       this run built (same image ID), or the push is reported as failed.
+
+    `pushed` is filled as tags land, so an interrupted run can say what it already pushed.
+    """
+    pushed = {} if pushed is None else pushed
+    targets = [qualify(job.hash_ref, registry)]
+    moving: set[str] = set()
+    ours: dict[str, str] = {}
+    if not force:
+        for tag in _immutable_lists(job):
+            _check_list(engine, qualify(tag, registry), job.platform, image_id)
+    for target in targets:
+        if target in moving:
+            continue
+        existing = engine.remote_digest(target)
+        if existing is None:
+            continue
+        repo = target.rsplit(":", 1)[0]
         if f"{repo}@{existing}" in engine.repo_digests(image_id):
-            return {target: existing}
-        if not force:
+            ours[target] = existing
+        elif not force:
             raise RegistryError(
                 f"{target} already exists with digest {existing[:19]}… and is immutable; "
-                "bump the matrix (new pinned tag) or pass --force"
+                "bump the matrix (new pinned tag) or pass --force; nothing was pushed"
             )
-    engine.tag(image_id, target)
-    digest = engine.push(target)
-    engine.pull(target)
-    if f"{repo}@{digest}" not in engine.repo_digests(target):
-        raise RegistryError(f"{target}: pulled image does not carry the pushed digest {digest}")
-    return {target: digest}
+    for target in targets:
+        if target in ours:
+            pushed[target] = ours[target]
+            continue
+        with push_lock(target):
+            engine.tag(image_id, target)
+            pushed[target] = engine.push(target)
+    for target, digest in pushed.items():
+        repo = target.rsplit(":", 1)[0]
+        got = engine.pull(f"{repo}@{digest}")
+        if got != image_id:
+            raise RegistryError(
+                f"{target}: the registry holds {got[:19]}… under the pushed digest, not this run's "
+                f"image {image_id[:19]}… (a concurrent push to the same tag?)"
+            )
+    return pushed
+
+
+def _immutable_lists(job: BuildJob) -> tuple[str, ...]:
+    """The job's published tags that never move: all but a recommended image's alias."""
+    return job.published[1:] if job.cell.recommended else job.published
+
+
+def _check_list(engine: Engine, target: str, platform: str, image_id: str) -> None:
+    """Refuse (before anything is pushed) an immutable tag that already names another image for
+    this platform, or a plain single-platform image. A list lacking this platform may gain it."""
+    existing = engine.manifest_platforms(target)
+    if existing is None:
+        return
+    repo = target.rsplit(":", 1)[0]
+    theirs = existing.get(platform)
+    if existing and (theirs is None or f"{repo}@{theirs}" in engine.repo_digests(image_id)):
+        return
+    what = f"{platform} as {theirs[:19]}…" if theirs else "another image (not a manifest list)"
+    raise RegistryError(
+        f"{target} already exists ({what}) and is immutable; "
+        "bump the matrix (new pinned tag) or pass --force; nothing was pushed"
+    )
 
 
 def publish(
@@ -252,15 +335,24 @@ def publish(
         alias = any(job.cell.recommended and tag == job.published[0] for job in entries)
         try:
             existing = None if alias else engine.manifest_platforms(target)
+            if existing and not force:
+                if any(existing.get(p, d) != d for p, d in want.items()):
+                    raise RegistryError(
+                        f"{target} already exists as another image and is immutable; "
+                        "bump the matrix (new pinned tag) or pass --force"
+                    )
+                # a platform built in another run stays in the list (CI: one runner per platform)
+                want = {**existing, **want}
             if existing == want:
                 digest = "unchanged"
-            elif existing is not None and not force:
+            elif existing is not None and not existing and not force:
                 raise RegistryError(
-                    f"{target} already exists as another image ({', '.join(sorted(existing)) or 'no list'}) "
-                    "and is immutable; bump the matrix (new pinned tag) or pass --force"
+                    f"{target} already exists as a plain image (not a manifest list) and is immutable; "
+                    "bump the matrix (new pinned tag) or pass --force"
                 )
             else:
-                digest = engine.create_manifest_list(target, [f"{repo}@{d}" for d in want.values()])
+                with push_lock(target):
+                    digest = engine.create_manifest_list(target, [f"{repo}@{d}" for d in want.values()])
             got = engine.manifest_platforms(target)
             if got != want:
                 raise RegistryError(f"{target}: the registry's list {got} is not the pushed images {want}")
@@ -308,10 +400,11 @@ def execute(
     started = time.time()
     try:
         results = run(project, jobs, engine, options, on_change=on_change)
-    except KeyboardInterrupt:
+    except RunInterrupted as stop:
         from builder.errors import Interrupted
 
-        raise Interrupted("interrupted: running builds were cancelled; no tag was moved") from None
+        record(project, stop.results, options, engine_version, started)
+        raise Interrupted(interrupted_message(stop.results)) from None
     return BuildRun(results, record(project, results, options, engine_version, started))
 
 

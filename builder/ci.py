@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from builder.contract import qualify
+from builder.errors import ConfigError
 from builder.images import CONTEXT_DIR, ImageFacts
 from builder.jobs import manifest_lists
 
@@ -20,6 +21,10 @@ ARM64_RUNNER = "ubuntu-24.04-arm"
 
 def entry(f: ImageFacts) -> dict[str, Any]:
     """One `include` entry. Field names are part of the workflow's contract: keep them."""
+    for key, value in f.args.items():
+        # build_args is line-separated below: a line break would smuggle in another arg.
+        if "\n" in value or "\r" in value:
+            raise ConfigError(f"{f.id}: build arg {key} holds a line break; it cannot go into the CI matrix")
     cell = f.cell
     return {
         "id": f.id,
@@ -30,6 +35,8 @@ def entry(f: ImageFacts) -> dict[str, Any]:
         "dockerfile": f.dockerfile,
         "context": f"build/{CONTEXT_DIR}",
         "platform": f.platform,
+        # the image's id for `build`/`smoke` selectors (id above is per platform)
+        "image": f.cell.id,
         # arm64 builds run on a native arm64 runner; the smoke job's GPU runner must be arm64 too
         "build_runner": ARM64_RUNNER if f.platform == "linux/arm64" else "ubuntu-latest",
         "tags": list(f.tags),
@@ -60,7 +67,12 @@ def lists(images: Sequence[ImageFacts], registry: str) -> dict[str, list[dict[st
     by_name = {f.job.name: f for f in images}
     return {
         "include": [
-            {"tag": qualify(tag, registry), "sources": " ".join(by_name[j.name].hash_tag for j in jobs)}
+            {
+                "tag": qualify(tag, registry),
+                "sources": " ".join(by_name[j.name].hash_tag for j in jobs),
+                # only a recommended image's alias moves; pinned lists never change once pushed
+                "immutable": not any(j.cell.recommended and tag == j.published[0] for j in jobs),
+            }
             for tag, jobs in manifest_lists([f.job for f in images]).items()
         ]
     }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -70,8 +71,15 @@ def _fail(exc: FatalError, debug: bool) -> NoReturn:
     sys.exit(exc.exit_code)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    # SIGTERM (a CI runner cancelling, `kill`) takes the Ctrl-C path: builds and pushes are
+    # cancelled, the record says what was already pushed, and no tag moves half-way.
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     debug = "--debug" in sys.argv
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         cli.main(standalone_mode=False)
     except FatalError as exc:
@@ -79,9 +87,18 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("interrupted", err=True)
         sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
+    except click.ClickException as exc:  # usage errors too: one `error:` line, like every other
+        from builder.errors import one_line
+
+        ctx = exc.ctx if isinstance(exc, click.UsageError) else None
+        hint = f"; see `{ctx.command_path} --help`" if ctx else ""
+        click.echo(f"error: {one_line(exc.format_message()).rstrip('.')}{hint}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except OSError as exc:  # a file-system problem no stage anticipated: still one line
+        from builder.errors import ConfigError
+        from builder.fsio import problem
+
+        _fail(ConfigError(problem(exc, Path(exc.filename or "?"))), debug)

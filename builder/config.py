@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from packaging.version import InvalidVersion, Version
 
+from builder import names
 from builder.errors import ConfigError
 
 try:
@@ -36,6 +37,24 @@ _CUDA = {"type": "string", "pattern": r"^(\d+\.\d+|none)$", "x-version": True}
 _PYTHON = {"type": "string", "pattern": r"^3\.\d+$", "x-version": True}
 _FA = {"type": "string", "pattern": r"^(\d+(\.\d+)*(\.post\d+)?|none)$", "x-version": True}
 _PLATFORM = {"enum": list(PLATFORMS), "description": "An OCI platform: linux/amd64 or linux/arm64 (Grace)."}
+
+
+def _grammar(pattern: str, what: str, example: str, max_length: int | None = None) -> dict[str, Any]:
+    """A string in one of builder.names' grammars; `x-what`/`x-example` make the message."""
+    out: dict[str, Any] = {
+        "type": "string",
+        "pattern": f"^(?:{pattern})$",
+        "x-what": what,
+        "x-example": example,
+    }
+    if max_length is not None:
+        out["maxLength"] = max_length
+    return out
+
+
+_TARGET_NAME = _grammar(
+    names.TARGET, "target name (lower-case letters, digits, '.', '_', '-')", "a100", names.MAX_NAME
+)
 
 
 def _list_of(item: dict[str, Any], description: str) -> dict[str, Any]:
@@ -85,17 +104,27 @@ SCHEMA: dict[str, Any] = {
     "required": ["targets"],
     "properties": {
         "image": {
-            "type": "string",
-            "pattern": r"^[a-z0-9]+([._-][a-z0-9]+)*$",
+            **_grammar(names.IMAGE, "image repository name (lower case, Docker's grammar)", "qwen-ft", 200),
             "description": "Image repository name, e.g. qwen-ft.",
         },
         "registry": {
-            "type": "string",
+            **_grammar(
+                f"|{names.REGISTRY}",
+                "registry prefix HOST[:PORT]/NAMESPACE",
+                "ghcr.io/acme",
+                names.MAX_REPOSITORY,
+            ),
             "description": "Registry prefix for pushed tags, e.g. ghcr.io/acme or 127.0.0.1:5000/ml.",
         },
         "base_map": {
             "type": "object",
-            "additionalProperties": {"type": "string"},
+            "propertyNames": _grammar(names.BASE_PATTERN, "base image pattern", "'nvidia/cuda:*'", 255),
+            "additionalProperties": _grammar(
+                rf"{names.REFERENCE}|[A-Za-z0-9._:/@\[\]-]+\*",
+                "image reference, optionally ending in *",
+                "'mirror.local/nvidia/cuda:*'",
+                255,
+            ),
             "description": "Redirect base images: 'nvidia/cuda:*' -> 'mirror.local/nvidia/cuda:*'. "
             "A trailing * carries the rest of the reference over.",
         },
@@ -103,6 +132,7 @@ SCHEMA: dict[str, Any] = {
         "targets": {
             "type": "object",
             "minProperties": 1,
+            "propertyNames": _TARGET_NAME,
             "additionalProperties": {
                 "type": "object",
                 "additionalProperties": False,
@@ -113,7 +143,7 @@ SCHEMA: dict[str, Any] = {
                     },
                     "gpus": {
                         "type": "array",
-                        "items": {"type": "string"},
+                        "items": _grammar(names.GPU_NAME, "GPU name", "'RTX 3090'", names.MAX_NAME),
                         "description": "GPU names this target serves (documentation, doctor).",
                     },
                     "dtype": {"enum": ["auto", *DTYPES], "description": "Default precision."},
@@ -128,7 +158,7 @@ SCHEMA: dict[str, Any] = {
                     },
                     "runner_labels": {
                         "type": "array",
-                        "items": {"type": "string"},
+                        "items": _grammar(names.RUNNER_LABEL, "runner label", "self-hosted", names.MAX_NAME),
                         "description": "GitHub Actions runner labels for this target's GPU smoke job.",
                     },
                 },
@@ -141,7 +171,7 @@ SCHEMA: dict[str, Any] = {
                 "type": "object",
                 "additionalProperties": False,
                 "required": ["target", "cuda", "torch", "python", "flash_attn"],
-                "properties": {"target": {"type": "string"}, **_CELL_PROPS},
+                "properties": {"target": _TARGET_NAME, **_CELL_PROPS},
             },
         },
         "exclude": {
@@ -239,19 +269,47 @@ DEFAULT_AXES = Axes(
 def load(path: Path) -> MatrixConfig:
     """Read, validate and freeze a matrix file. Every problem is a one-line ConfigError."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(
             f"{path}: no such file; pass --matrix PATH or run from the folder holding matrix.yaml"
         ) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    return parse(text, path)
+    return parse(decode(raw, path), path)
+
+
+def decode(raw: bytes, path: Path) -> str:
+    """matrix.yaml is UTF-8 (a BOM is tolerated); anything else is one line saying so."""
+    for bom, name in (
+        (b"\xff\xfe\x00\x00", "UTF-32"),
+        (b"\x00\x00\xfe\xff", "UTF-32"),
+        (b"\xff\xfe", "UTF-16"),
+        (b"\xfe\xff", "UTF-16"),
+    ):
+        if raw.startswith(bom):
+            raise ConfigError(f"{path}: the file is {name}; save it as UTF-8")
+    if b"\x00" in raw:
+        raise ConfigError(f"{path}: the file holds NUL bytes (binary or UTF-16); save it as UTF-8 text")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}:{line}: byte 0x{raw[exc.start]:02x} is not UTF-8 (Latin-1?); save the file as UTF-8"
+        ) from None
 
 
 def parse(text: str, path: Path) -> MatrixConfig:
     try:
-        data = yaml.load(text, Loader=_Loader)
+        loader = _Loader(text)
+        try:
+            node = loader.get_single_node()
+            if node is not None:
+                _reject_duplicate_keys(node, "", path)
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
@@ -261,6 +319,32 @@ def parse(text: str, path: Path) -> MatrixConfig:
         raise ConfigError(f"{path}: the matrix is empty; define at least one target under 'targets:'")
     _validate(data, SCHEMA, "", path)
     return _freeze(data, path)
+
+
+def _reject_duplicate_keys(
+    node: yaml.Node, ypath: str, path: Path, seen_nodes: set[int] | None = None
+) -> None:
+    """YAML keeps the last of two equal keys; an appended `image:` would silently win."""
+    # Aliases share (and may nest) nodes: visit each once, so neither loops nor blows up.
+    seen_nodes = set() if seen_nodes is None else seen_nodes
+    if id(node) in seen_nodes:
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            child = f"{ypath}.{key}" if ypath else key
+            if isinstance(key_node, yaml.ScalarNode) and key in seen:
+                mark = key_node.start_mark
+                raise ConfigError(
+                    f"{path}:{mark.line + 1}:{mark.column + 1}: {child}: duplicate key; keep only one"
+                )
+            seen.add(key)
+            _reject_duplicate_keys(value_node, child, path, seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _reject_duplicate_keys(item, f"{ypath}[{i}]", path, seen_nodes)
 
 
 def _where(path: Path, ypath: str) -> str:
@@ -296,7 +380,18 @@ def _validate_string(node: str, schema: Mapping[str, Any], ypath: str, path: Pat
     import re
 
     pattern = schema.get("pattern")
-    if pattern and not re.match(pattern, node):
+    max_length = schema.get("maxLength")
+    if max_length is not None and len(node) > max_length:
+        raise ConfigError(
+            f"{_where(path, ypath)}: {names.shown(node)} is {len(node)} characters; at most {max_length}"
+        )
+    # fullmatch, as JSON Schema means it: re.match's `$` would also accept a trailing newline.
+    if pattern and not re.fullmatch(pattern, node):
+        if "x-what" in schema:
+            raise ConfigError(
+                f"{_where(path, ypath)}: {names.shown(node)} is not a valid {schema['x-what']}; "
+                f"e.g. {schema['x-example']}"
+            )
         if schema.get("x-version"):
             raise ConfigError(
                 f"{_where(path, ypath)}: {node!r} is not a valid version here "
@@ -322,6 +417,8 @@ def _validate_mapping(node: dict[Any, Any], schema: Mapping[str, Any], ypath: st
     if len(node) < schema.get("minProperties", 0):
         raise ConfigError(f"{_where(path, ypath)}: is empty; add at least one entry")
     for key, value in node.items():
+        if "propertyNames" in schema:
+            _validate(key, schema["propertyNames"], f"{ypath}.{key}" if ypath else key, path)
         child = f"{ypath}.{key}" if ypath else key
         if key in props:
             _validate(value, props[key], child, path)
@@ -383,6 +480,33 @@ def _axes(raw: Mapping[str, Any] | None, base: Axes) -> Axes:
     )
 
 
+# Every candidate cell is checked against every rule; `matrix --all` lists them all. Far past
+# any real fleet (8 targets x 4 CUDA x 4 torch x 3 Python x 3 flash-attn is 1,152), a typo'd
+# or hostile matrix would otherwise take minutes and gigabytes before saying anything.
+MAX_CELLS_PER_TARGET = 2_000
+MAX_CELLS = 20_000
+MAX_TARGETS = 200
+
+
+def _check_size(path: Path, targets: Mapping[str, TargetConfig], includes: int) -> None:
+    if len(targets) > MAX_TARGETS:
+        raise ConfigError(f"{path}: {len(targets)} targets; the limit is {MAX_TARGETS}: split the matrix")
+    total = includes
+    for name, t in targets.items():
+        cells = len(t.axes.cuda) * len(t.axes.torch) * len(t.axes.python) * len(t.axes.flash_attn)
+        if cells > MAX_CELLS_PER_TARGET:
+            raise ConfigError(
+                f"{path}: targets.{name}: its axes make {cells:,} candidate cells; the limit is "
+                f"{MAX_CELLS_PER_TARGET:,} per target: list fewer values (or exclude: them)"
+            )
+        total += cells
+    if total > MAX_CELLS:
+        raise ConfigError(
+            f"{path}: the matrix makes {total:,} candidate cells; the limit is {MAX_CELLS:,}: "
+            "list fewer axis values, or split it into several matrix files (-f)"
+        )
+
+
 def _freeze(data: Mapping[str, Any], path: Path) -> MatrixConfig:
     axes = _axes(data.get("axes"), DEFAULT_AXES)
     targets: dict[str, TargetConfig] = {}
@@ -417,6 +541,7 @@ def _freeze(data: Mapping[str, Any], path: Path) -> MatrixConfig:
                 raw.get("runner_labels", ("self-hosted", "gpu", f"sm_{sm}") if sm else ("ubuntu-latest",))
             ),
         )
+    _check_size(path, targets, len(data.get("include", [])))
     include = []
     for i, inc in enumerate(data.get("include", [])):
         if inc["target"] not in targets:
@@ -428,22 +553,47 @@ def _freeze(data: Mapping[str, Any], path: Path) -> MatrixConfig:
         include.append(CellSpec(**inc))
     exclude = tuple(dict(e) for e in data.get("exclude", []))
     for i, ex in enumerate(exclude):
-        if "target" in ex:
-            import fnmatch
-
-            if not any(fnmatch.fnmatchcase(t, ex["target"]) for t in targets):
-                raise ConfigError(
-                    f"{path}: exclude[{i}].target: '{ex['target']}' matches no target "
-                    f"(targets: {', '.join(targets)})"
-                )
+        _check_exclude_matches(ex, targets, f"{path}: exclude[{i}]")
     base_map = tuple((str(k), str(v)) for k, v in (data.get("base_map") or {}).items())
+    for pattern, replacement in base_map:
+        names.check_base_rule(pattern, replacement, f"{path}: base_map[{pattern!r}]")
+    image = data.get("image", "qwen-ft")
+    registry = data.get("registry", "")
+    if registry:
+        names.check_registry(registry, f"{path}: registry", image)
     return MatrixConfig(
         path=path,
-        image=data.get("image", "qwen-ft"),
-        registry=data.get("registry", ""),
+        image=image,
+        registry=registry,
         base_map=base_map,
         axes=axes,
         targets=targets,
         include=tuple(include),
         exclude=exclude,
+    )
+
+
+def _check_exclude_matches(rule: Mapping[str, str], targets: Mapping[str, TargetConfig], where: str) -> None:
+    """An exclude rule must drop at least one candidate cell (README: it is rejected otherwise).
+
+    Axes are a product, so a rule matches some cell of a target exactly when each of its
+    keys matches some value of that target's axis.
+    """
+    import fnmatch
+
+    hits = [t for name, t in targets.items() if fnmatch.fnmatchcase(name, rule.get("target", "*"))]
+    if not hits:
+        raise ConfigError(
+            f"{where}.target: {names.shown(rule['target'])} matches no target (targets: {', '.join(targets)})"
+        )
+    for target in hits:
+        if all(
+            any(fnmatch.fnmatchcase(v, pattern) for v in getattr(target.axes, key))
+            for key, pattern in rule.items()
+            if key != "target"
+        ):
+            return
+    keys = ", ".join(f"{k}: {names.shown(v)}" for k, v in rule.items())
+    raise ConfigError(
+        f"{where}: {{{keys}}} matches no candidate cell; fix or remove it (`matrix --all` lists the cells)"
     )

@@ -17,6 +17,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from builder.errors import ConfigError
+
 if TYPE_CHECKING:
     from builder.project import Project
 
@@ -25,12 +27,30 @@ _SKIP_SUFFIXES = {".pyc", ".pyo"}
 
 
 def context_files(root: Path) -> Iterator[Path]:
-    """The build context's files in a stable order, without caches."""
-    for path in sorted(root.rglob("*")):
+    """The build context's files in a stable order, without caches: regular files only.
+
+    A symbolic link (to ~/.ssh, to /dev/zero, to anything) or a device/FIFO is refused, not
+    followed: what goes into an image is exactly the project's own files, and the hash is
+    taken over the same bytes that are staged.
+    """
+    if root.is_symlink():
+        raise ConfigError(
+            f"{root}: is a symbolic link; the build context takes only real folders of the project"
+        )
+    for path in sorted(root.rglob("*")):  # rglob lists links but does not descend into them
         rel = path.relative_to(root)
         if any(part in _SKIP_DIRS or part.endswith(".egg-info") for part in rel.parts):
             continue
-        if path.is_file() and path.suffix not in _SKIP_SUFFIXES:
+        if path.is_symlink():
+            raise ConfigError(
+                f"{path}: is a symbolic link (to {path.readlink()}); the build context takes only "
+                "regular files from inside the project: replace the link with the file itself"
+            )
+        if path.is_dir():
+            continue
+        if not path.is_file():
+            raise ConfigError(f"{path}: is not a regular file (a FIFO, socket or device); remove it")
+        if path.suffix not in _SKIP_SUFFIXES:
             yield path
 
 
@@ -62,24 +82,48 @@ def hash_tag(target: str, digest: str) -> str:
 
 
 def stage_context(project: Project, wheelhouse: Path | None) -> Path:
-    """build/context/: runtime/ plus wheelhouse/ (bind-mounted by the Dockerfiles, never copied in)."""
+    """build/context/: runtime/ plus wheelhouse/ (bind-mounted by the Dockerfiles, never copied in).
+
+    runtime/ gets exactly `context_files` (what the content hash covered). Both staged folders
+    are replaced on every run, so they must never be the user's own: a link there is removed
+    (never followed) and a wheelhouse inside build/context/ is refused by `check_wheelhouse`.
+    """
     ctx = project.context
     runtime = ctx / "runtime"
-    if runtime.exists():
-        shutil.rmtree(runtime)
-    shutil.copytree(
-        project.runtime, runtime, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    )
     wheels = ctx / "wheelhouse"
-    if wheels.exists():
-        shutil.rmtree(wheels)
+    files = list(context_files(project.runtime))  # refuse links before touching anything
+    for staged in (runtime, wheels):
+        _remove(staged)
+    for src in files:
+        dst = runtime / src.relative_to(project.runtime)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst, follow_symlinks=False)
     wheels.mkdir(parents=True)
     if wheelhouse is not None:
-        for src in sorted(wheelhouse.iterdir()):
+        for entry in sorted(wheelhouse.iterdir()):
+            src = entry.resolve()  # the user's own folder: a link to a wheel elsewhere is fine
             if src.is_file():
-                dst = wheels / src.name
+                dst = wheels / entry.name
                 try:
                     os.link(src, dst)  # no copy of multi-GB wheels when on the same filesystem
                 except OSError:
                     shutil.copy2(src, dst)
     return ctx
+
+
+def check_wheelhouse(project: Project, wheelhouse: Path) -> None:
+    """build/context/ is rebuilt on every run: a wheelhouse inside it would be deleted."""
+    ctx = project.context.resolve()
+    house = wheelhouse.resolve()
+    if house == ctx or ctx in house.parents:
+        raise ConfigError(
+            f"--wheelhouse {wheelhouse}: is inside {project.context}, which every build replaces; "
+            "keep your wheels in a folder of their own"
+        )
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)

@@ -12,6 +12,7 @@ Three stages, each testable alone:
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import shutil
@@ -678,15 +679,53 @@ def render_text(report: Report, *, log_name: str | None = None) -> str:
 # ----------------------------------------------------------------------------- entry point
 
 
-def read_log(path: Path) -> str:
+# Failures are at the end of a log; a bigger file is read from its last MAX_LOG_BYTES.
+MAX_LOG_BYTES = 16 * 1024 * 1024
+_BOMS = (
+    (b"\xff\xfe\x00\x00", "utf-32-le"),
+    (b"\x00\x00\xfe\xff", "utf-32-be"),
+    (b"\xef\xbb\xbf", "utf-8"),
+    (b"\xff\xfe", "utf-16-le"),  # PowerShell's `>` and Out-File write this
+    (b"\xfe\xff", "utf-16-be"),
+)
+
+
+def read_log(path: Path, limit: int = MAX_LOG_BYTES) -> str:
+    """The text of a regular log file, at most its last `limit` bytes, decoded by its BOM.
+
+    Devices, FIFOs and folders are refused before reading: /dev/zero would never end and
+    a FIFO without a writer would block forever.
+    """
+    import stat
+
     try:
-        return path.read_text(encoding="utf-8", errors="replace")
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise ConfigError(f"--log {path}: no such file") from None
     except IsADirectoryError:
         raise ConfigError(f"--log {path}: is a directory, not a log file") from None
     except OSError as exc:
         raise ConfigError(f"--log {path}: cannot read: {exc.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = (
+            "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        )
+        raise ConfigError(f"--log {path}: is {kind}; pass a saved log file")
+    with os.fdopen(fd, "rb") as f:
+        head = f.read(4)
+        size = os.fstat(fd).st_size
+        encoding = next((enc for bom, enc in _BOMS if head.startswith(bom)), "utf-8")
+        bom = next((len(b) for b, enc in _BOMS if head.startswith(b)), 0)
+        start = max(bom, size - limit)
+        if encoding.startswith(("utf-16", "utf-32")):
+            unit = 2 if encoding.startswith("utf-16") else 4
+            start += -(start - bom) % unit  # stay on a code-unit boundary
+        f.seek(start)
+        data = f.read(limit)
+    return data.decode(encoding, errors="replace")
 
 
 def run(

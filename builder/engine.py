@@ -411,9 +411,11 @@ class DockerEngine:
         self._build_env: dict[str, str] = {}
         self._running: set[subprocess.Popen[str]] = set()
         self._running_lock = threading.Lock()
+        self._cancelled = threading.Event()
 
     def cancel_all(self) -> None:
-        """Stop every running build (Ctrl-C): BuildKit cancels and leaves no build containers."""
+        """Stop every running build and push (Ctrl-C): BuildKit cancels and leaves no build containers."""
+        self._cancelled.set()
         with self._running_lock:
             procs = list(self._running)
         for proc in procs:
@@ -465,8 +467,10 @@ class DockerEngine:
         argv = [*self._build_argv, "--progress=plain", "--iidfile", str(iidfile), "-f", str(req.dockerfile)]
         for key, value in sorted(req.build_args.items()):
             argv += ["--build-arg", f"{key}={value}"]
-        for key, value in sorted(req.proxies.items()):
-            argv += ["--build-arg", f"{key}={value}"]
+        for key in sorted(req.proxies):
+            # Name only: the docker CLI reads the value from its environment (see build()),
+            # so proxy credentials never show in `ps`, commands.sh, the log or --dry-run.
+            argv += ["--build-arg", key]
         for key, value in sorted(req.labels.items()):
             argv += ["--label", f"{key}={value}"]
         for sid, src in sorted(req.secrets.items()):
@@ -483,8 +487,9 @@ class DockerEngine:
         iidfile = log.with_suffix(".iid")
         iidfile.unlink(missing_ok=True)
         argv, extra_env = self.build_argv(req, iidfile)
-        self.commands.record(argv, extra_env, comment=f"build {req.name}")
-        env = {**os.environ, **extra_env}
+        proxy_note = f"; reads {', '.join(sorted(req.proxies))} from the environment" if req.proxies else ""
+        self.commands.record(argv, extra_env, comment=f"build {req.name}{proxy_note}")
+        env = {**os.environ, **extra_env, **req.proxies}
         last_step = None
         failed_step = None
         steps: dict[str, str] = {}
@@ -500,6 +505,7 @@ class DockerEngine:
                 text=True,
                 env=env,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
             with self._running_lock:
                 self._running.add(proc)
@@ -577,6 +583,8 @@ class DockerEngine:
         digest = None
         try:
             for event in self.client.api.push(repo, tag=tag, stream=True, decode=True):
+                if self._cancelled.is_set():  # Ctrl-C: stop reading; the daemon drops the push
+                    raise Interrupted(f"push of {ref} was interrupted")
                 if "error" in event:
                     raise RegistryError(f"push of {ref} failed: {_short(event['error'])}")
                 aux = event.get("aux") or {}
@@ -591,7 +599,8 @@ class DockerEngine:
     def pull(self, ref: str) -> str:
         import docker
 
-        repo, tag = split_ref(ref)
+        # By digest (repo@sha256:...) or by tag; the SDK takes a digest in place of a tag.
+        repo, tag = ref.split("@", 1) if "@" in ref else split_ref(ref)
         self.commands.record([self.exe, "pull", ref])
         try:
             image = self.client.images.pull(repo, tag=tag)
@@ -605,11 +614,11 @@ class DockerEngine:
 
         try:
             data = self.client.images.get_registry_data(ref)
-        except docker.errors.NotFound:
-            return None
         except docker.errors.APIError as exc:
-            text = str(exc)
-            if "manifest unknown" in text or "not found" in text.lower():
+            # Only the registry's own "no such tag/repository" codes mean absent: a 403 such as
+            # "project not found or no read permission" must not skip the immutability check.
+            status = exc.response.status_code if exc.response is not None else None
+            if status == 404 and _ABSENT.search(f"{exc} {exc.explanation or ''}"):
                 return None
             raise RegistryError(
                 f"registry for {ref} is unreachable or refused: {_short(exc)}; "
@@ -791,12 +800,25 @@ def _sigint_deferred() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
+_ABSENT = re.compile(r"manifest unknown|name unknown|repository name not known to registry", re.I)
+
+
 def split_ref(ref: str) -> tuple[str, str]:
     """'host:5000/ns/name:tag' -> ('host:5000/ns/name', 'tag')."""
     name, _, tag = ref.rpartition(":")
     if not name or "/" in tag:
         return ref, "latest"
     return name, tag
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM it when its parent dies, even by `kill -9`, so no
+    `docker build` outlives the CLI (the client's exit cancels the BuildKit build)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _terminate(proc: subprocess.Popen[str]) -> None:

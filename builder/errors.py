@@ -13,8 +13,14 @@ class FatalError(Exception):
     exit_code = 1
 
     def __init__(self, message: str) -> None:
+        message = one_line(message)
         super().__init__(message)
         self.message = message
+
+
+def one_line(text: str) -> str:
+    """Control characters shown escaped: an error is one line whatever value it quotes."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 class ConfigError(FatalError):
@@ -69,6 +75,12 @@ class NetworkUnreachable(FatalError):
     """An upstream the command needs (the package index for `knowledge check`) cannot be reached."""
 
     exit_code = 10
+
+
+class Busy(FatalError):
+    """Another build of the same project holds its lock (build/.lock)."""
+
+    exit_code = 11
 
 
 class Interrupted(FatalError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from builder import names
 from builder.contract import qualify
 from builder.jobs import BuildJob, BuildOptions, check_committed, plan_jobs
 from builder.knowledge import Knowledge
@@ -81,6 +82,8 @@ def facts(
     jobs = plan_jobs(project, resolution, kb, cells, options or BuildOptions())
     check_committed(project, jobs)
     config = resolution.config
+    if registry:
+        names.check_registry(registry, "--registry", config.image)
     out = []
     for job in jobs:
         plan = job.cell.plan

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder import contract
+from builder import contract, names
 from builder.content import content_hash, hash_tag
 from builder.errors import RenderCheckError
 
@@ -89,6 +89,9 @@ def build_args(
     }
     if plan.flash_attn.builder_image:
         args["BUILDER_IMAGE"] = map_base(plan.flash_attn.builder_image, rules, platform)
+    for name in ("BASE_IMAGE", "BUILDER_IMAGE"):
+        if name in args:  # a rule's '*' can still splice into something that is no reference
+            names.check_reference(args[name], f"{cell.id}: {name} after --base-map/base_map")
     return args
 
 
@@ -170,7 +173,7 @@ def check_committed(project: Project, jobs: Sequence[BuildJob]) -> None:
 
 
 def check_inputs(project: Project, options: BuildOptions) -> None:
-    options.check(project.runtime)
+    options.check(project)
 
 
 _HASH_TAG = re.compile(r"^(?P<target>[A-Za-z0-9_.-]+)-(?P<digest>[0-9a-f]{12})$")

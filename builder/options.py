@@ -12,9 +12,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from builder import names
 from builder.errors import ConfigError
+
+if TYPE_CHECKING:
+    from builder.project import Project
 
 Kind = Literal["str", "path", "int", "float", "flag", "multi"]
 
@@ -29,6 +33,7 @@ class Option:
     matrix_key: str | None = None  # a top-level key of matrix.yaml
     default: Any = None
     metavar: str | None = None
+    secret: bool = False  # may carry credentials: shown redacted (builder/proxy.py)
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -71,9 +76,22 @@ OPTIONS: tuple[Option, ...] = (
         kind="path",
         env="QWEN_FT_CA_BUNDLE",
     ),
-    Option("http_proxy", ("--http-proxy",), "Proxy for the build only (never stored in the image)."),
-    Option("https_proxy", ("--https-proxy",), "Proxy for the build only (never stored in the image)."),
-    Option("no_proxy", ("--no-proxy",), "Hosts that bypass the proxies."),
+    # A flag's value shows in `ps`: a proxy with credentials belongs in the env variable.
+    Option(
+        "http_proxy",
+        ("--http-proxy",),
+        "Proxy for the build only (never in the image); give one with credentials via the env variable.",
+        env="QWEN_FT_HTTP_PROXY",
+        secret=True,
+    ),
+    Option(
+        "https_proxy",
+        ("--https-proxy",),
+        "Proxy for the build only (never in the image); give one with credentials via the env variable.",
+        env="QWEN_FT_HTTPS_PROXY",
+        secret=True,
+    ),
+    Option("no_proxy", ("--no-proxy",), "Hosts that bypass the proxies.", env="QWEN_FT_NO_PROXY"),
     Option("network", ("--network",), "Build network mode, e.g. host."),
     Option(
         "platform",
@@ -86,6 +104,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("jobs", ("-j", "--jobs"), "Images to build in parallel.", kind="int", default=1),
     Option("fail_fast", ("--fail-fast",), "Stop starting new builds after the first failure.", kind="flag"),
     Option("push", ("--push",), "Push to --registry, then pull back to verify digests.", kind="flag"),
+    Option(
+        "no_lists",
+        ("--no-lists",),
+        "With --push: push only each platform's content-hash tag; a later step assembles the "
+        "alias/pinned manifest lists (CI builds each platform on its own runner).",
+        kind="flag",
+    ),
     Option("force", ("--force",), "Allow overwriting an existing pinned or content tag.", kind="flag"),
     Option("dry_run", ("--dry-run",), "Print the plan and the exact commands; run nothing.", kind="flag"),
     Option("as_json", ("--json",), "Print JSON on stdout instead of a table.", kind="flag"),
@@ -118,19 +143,31 @@ class BuildOptions:
     network: str | None = None
     dry_run: bool = False
     platforms: tuple[str, ...] = ()  # () means every platform of each image
+    lists: bool = True  # with push: publish alias/pinned tags as manifest lists
 
-    def check(self, runtime: Path) -> None:
-        _check(self, runtime)
+    def check(self, project: Project) -> None:
+        _check(self, project)
 
 
-def _check(options: BuildOptions, runtime: Path) -> None:
+def _check(options: BuildOptions, project: Project) -> None:
     """Bad build inputs, in one line each, before anything runs."""
+    from builder import names, proxy
+    from builder.content import check_wheelhouse
+
+    if options.registry:
+        names.check_registry(options.registry, "--registry")
+    proxy.check("--http-proxy", options.http_proxy)
+    proxy.check("--https-proxy", options.https_proxy)
+    if project.build.exists() and not project.build.is_dir():
+        raise ConfigError(f"{project.build}: is a file, but build output goes here; move the file away")
     if options.wheelhouse is not None and not options.wheelhouse.is_dir():
         raise ConfigError(f"--wheelhouse {options.wheelhouse}: no such folder; create it or drop the option")
+    if options.wheelhouse is not None:
+        check_wheelhouse(project, options.wheelhouse)
     if options.ca_bundle is not None and not options.ca_bundle.is_file():
         raise ConfigError(f"--ca-bundle {options.ca_bundle}: no such file; pass a PEM bundle")
-    if not runtime.is_dir():
-        raise ConfigError(f"{runtime}: runtime/ folder missing; run from the project root")
+    if not project.runtime.is_dir():
+        raise ConfigError(f"{project.runtime}: runtime/ folder missing; run from the project root")
     if options.jobs < 1:
         raise ConfigError("--jobs must be at least 1")
 
@@ -152,6 +189,7 @@ def options_from(settings: Settings) -> BuildOptions:
         network=settings["network"],
         dry_run=settings["dry_run"],
         platforms=parse_platforms(settings.values.get("platform")),
+        lists=not settings.values.get("no_lists", False),
     )
 
 
@@ -183,7 +221,9 @@ def parse_base_map(items: Iterable[str]) -> tuple[tuple[str, str], ...]:
                 f"--base-map {item!r}: expected PATTERN=REPLACEMENT, "
                 "e.g. 'nvidia/cuda:*=mirror.local/nvidia/cuda:*'"
             )
-        rules.append((pattern.strip(), target.strip()))
+        rule = (pattern.strip(), target.strip())
+        names.check_base_rule(*rule, f"--base-map {names.shown(item)}")
+        rules.append(rule)
     return tuple(rules)
 
 
@@ -199,7 +239,17 @@ class Settings:
 
     def lines(self) -> list[str]:
         """`name = value (source)` per option, for --dry-run."""
-        return [f"{name} = {self.values[name]!r} ({self.sources[name]})" for name in sorted(self.values)]
+        from builder.proxy import redact
+
+        def shown(name: str) -> Any:
+            value = self.values[name]
+            return (
+                redact(value)
+                if name in BY_NAME and BY_NAME[name].secret and isinstance(value, str)
+                else value
+            )
+
+        return [f"{name} = {shown(name)!r} ({self.sources[name]})" for name in sorted(self.values)]
 
 
 def _convert(option: Option, text: str) -> Any:

@@ -14,7 +14,6 @@ build/reports/report-<UTC time>.{md,html} and copies them to index.{md,html}.
 
 from __future__ import annotations
 
-import contextlib
 import html
 import json
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from builder.errors import ConfigError
+from builder.fsio import write_atomic
 
 if TYPE_CHECKING:
     from builder.project import Project
@@ -58,13 +58,101 @@ class Row:
         return self.build not in ("failed", "interrupted", "skipped") and FAIL not in checks
 
 
-def _load(path: Path) -> dict[str, Any]:
-    """A JSON report, or {} when it is missing or unreadable (a run need not have every step)."""
-    with contextlib.suppress(OSError, ValueError):
-        data = json.loads(path.read_text())
-        if isinstance(data, dict):
-            return data
-    return {}
+_NUM = (int, float)
+# The fields this page reads from each report, with their types; other fields are ignored
+# and any field may be null. A report of another shape is refused, not half-rendered.
+_BUILD_SHAPE: dict[str, Any] = {
+    "engine": str,
+    "images": [
+        {
+            "image": str,
+            "status": str,
+            "seconds": _NUM,
+            "size": _NUM,
+            "image_id": str,
+            "tags": [str],
+            "pushed": {str: str},
+            "error": str,
+        }
+    ],
+}
+_SMOKE_SHAPE: dict[str, Any] = {
+    "host": {"gpus": [{"name": object, "sm": object}]},
+    "images": [
+        {
+            "image": str,
+            "ref": str,
+            "target": str,
+            "step": str,
+            "steps": {str: {"ok": object}},
+            "device": {"kind": object, "name": object},
+            "runs": [{"model": object, "tokens_per_s": object}],
+            "failed_checks": [object],
+        }
+    ],
+}
+_AUDIT_SHAPE: dict[str, Any] = {
+    "images": [
+        {
+            "image": str,
+            "ref": str,
+            "target": str,
+            "sm": int,
+            "counts": {str: int},
+            "failed": [object],
+        }
+    ],
+}
+
+
+def _shape_problem(value: Any, shape: Any, where: str) -> str | None:
+    if value is None or shape is object:
+        return None
+    if isinstance(shape, list):
+        if not isinstance(value, list):
+            return f"{where} should be a list"
+        return next(
+            (p for i, v in enumerate(value) if (p := _shape_problem(v, shape[0], f"{where}[{i}]"))), None
+        )
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            return f"{where} should be an object"
+        if str in shape:
+            return next(
+                (p for k, v in value.items() if (p := _shape_problem(v, shape[str], f"{where}.{k}"))), None
+            )
+        return next(
+            (p for k, sub in shape.items() if (p := _shape_problem(value.get(k), sub, f"{where}.{k}"))), None
+        )
+    if not isinstance(value, shape) or isinstance(value, bool):
+        return f"{where} has the wrong type ({type(value).__name__})"
+    return None
+
+
+def _load(path: Path, shape: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON report, or {} when it is missing (a run need not have every step).
+
+    A report that is there but unreadable or of another shape is one ConfigError.
+    """
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}; delete it or re-run") from None
+    try:
+        data = json.loads(raw)  # UTF-8, or a ValueError
+    except ValueError as exc:
+        raise ConfigError(
+            f"{path}: not valid JSON ({exc}); delete it or re-run the step that writes it"
+        ) from None
+    problem = _shape_problem(data, dict(shape), path.name)
+    if problem is None and not isinstance(data, dict):
+        problem = f"{path.name} should be an object"
+    if problem:
+        raise ConfigError(f"{path}: malformed report: {problem}; delete it or re-run the step that writes it")
+    assert isinstance(data, dict)
+    return data
 
 
 def _verdict(ok: Any) -> str:
@@ -329,21 +417,18 @@ def write_pages(
     build_dir: Path, plans: Mapping[str, Mapping[str, Any]] | None = None
 ) -> tuple[Path, Path, list[Row]]:
     """Read the run's JSON reports, write report-<time>.{md,html} and index.{md,html}."""
-    build = _load(build_dir / "report.json")
-    smoke = _load(build_dir / "reports" / "smoke.json")
-    audit = _load(build_dir / "reports" / "audit.json")
+    build = _load(build_dir / "report.json", _BUILD_SHAPE)
+    smoke = _load(build_dir / "reports" / "smoke.json", _SMOKE_SHAPE)
+    audit = _load(build_dir / "reports" / "audit.json", _AUDIT_SHAPE)
     rows = gather(build, smoke, audit, plans)
     meta = page_meta(build, smoke, audit)
     folder = build_dir / "reports"
-    folder.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(meta["generated"]))
     md_path, html_path = folder / f"report-{stamp}.md", folder / f"report-{stamp}.html"
     texts = {md_path: render_markdown(rows, meta), html_path: render_html(rows, meta)}
     for path, text in texts.items():
         for target in (path, folder / f"index{path.suffix}"):
-            tmp = target.with_suffix(target.suffix + ".tmp")
-            tmp.write_text(text, encoding="utf-8")
-            tmp.replace(target)
+            write_atomic(target, text)
     return md_path, html_path, rows
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from builder import contract
+from builder.fsio import write_atomic
+from builder.proxy import redact
 
 if TYPE_CHECKING:
     from builder.engine import Snapshot
@@ -115,11 +117,8 @@ def record(
 
 def write_record(project: Project, results: Sequence[ImageResult], meta: Mapping[str, Any]) -> Path:
     path = project.build / "report.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = {**meta, "images": [_public(asdict(r)) for r in results]}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
     return path
 
 
@@ -128,11 +127,3 @@ def _public(d: dict[str, Any]) -> dict[str, Any]:
     d.pop("step", None)
     d["seconds"] = round(float(d["seconds"]), 2)
     return d
-
-
-def redact(url: str | None) -> str | None:
-    """Proxy URLs may carry credentials: keep them out of reports."""
-    if not url or "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.split('@', 1)[1]}"

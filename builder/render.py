@@ -77,27 +77,50 @@ def render_all(project: Project, resolution: Resolution, kb: Knowledge) -> dict[
 
 def write(project: Project, files: dict[Path, str]) -> list[Path]:
     """Write changed files and delete image folders the matrix no longer has. Returns what changed."""
+    from builder import fsio
+
+    _refuse_links(project)
     changed: list[Path] = []
     for path, text in sorted(files.items()):
-        if path.exists() and path.read_text(encoding="utf-8") == text:
+        if path.is_file() and path.read_text(encoding="utf-8") == text:
             continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)  # atomic: a reader never sees half a Dockerfile
+        fsio.write_atomic(path, text)  # a reader never sees half a Dockerfile
         changed.append(path)
     for stale in _stale(project, files):
-        stale.unlink()
-        if not any(stale.parent.iterdir()):
-            stale.parent.rmdir()
+        try:
+            stale.unlink()
+            if not any(stale.parent.iterdir()):
+                stale.parent.rmdir()
+        except OSError as exc:
+            raise ConfigError(fsio.problem(exc, stale)) from None
         changed.append(stale)
     return changed
+
+
+def _refuse_links(project: Project) -> None:
+    """images/ and its folders are real folders inside the project: never write or delete through a link.
+
+    A symlinked images/<id> would make `render` write, or delete a stale Dockerfile, outside
+    the project.
+    """
+    images = project.images
+    suspects = [images, *(images.iterdir() if images.is_dir() and not images.is_symlink() else ())]
+    for path in suspects:
+        if path.is_symlink():
+            raise ConfigError(
+                f"{path}: is a symbolic link; render writes only real folders inside the project: "
+                "remove the link and run render again"
+            )
 
 
 def _stale(project: Project, files: dict[Path, str]) -> list[Path]:
     if not project.images.is_dir():
         return []
-    return sorted(p for p in project.images.glob("*/Dockerfile") if p not in files)
+    return sorted(
+        p
+        for p in project.images.glob("*/Dockerfile")
+        if p not in files and not p.parent.is_symlink() and not p.is_symlink()
+    )
 
 
 def check(project: Project, files: dict[Path, str]) -> None:

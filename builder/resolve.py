@@ -19,7 +19,7 @@ from typing import ClassVar
 
 from packaging.version import Version
 
-from builder import contract
+from builder import contract, names
 from builder.config import CellSpec, MatrixConfig, TargetConfig
 from builder.errors import ConfigError
 from builder.knowledge import Distro, FlashAttnRelease, Knowledge, Mislabelled, TorchRelease
@@ -1021,6 +1021,8 @@ def finish(cell: Cell, *, image: str, recommended: bool) -> Cell:
     base = cell.plan
     cell = replace(cell, recommended=recommended)
     tags = (cell.alias, cell.pinned) if recommended else (cell.pinned,)
+    for tag in tags:
+        names.check_tag(tag, f"targets.{cell.spec.target}")
     plan = replace(base, tags=tuple(f"{image}:{t}" for t in tags))
     return replace(cell, plan=replace(plan, labels=labels(cell, plan)))
 
@@ -1266,20 +1268,29 @@ def resolve_target(config: MatrixConfig, kb: Knowledge, name: str) -> tuple[list
         for cell in _merge([chosen[p] for p in platforms if p in chosen])
     ]
     built = {(p, c.spec.key()) for c in images for p in c.platforms}
-    for inc in config.include:
+    for i, inc in enumerate(config.include):
         if inc.target != name:
             continue
         valid: list[Cell] = []
+        invalid: list[Rejected] = []
         for platform in platforms:
             if (platform, inc.key()) in built:
+                valid.append(check(kb, target, inc, origin="include", platform=platform))  # type: ignore[arg-type]
                 continue
             cell = check(kb, target, inc, origin="include", platform=platform)
             if isinstance(cell, Cell):
                 valid.append(cell)
             else:
+                invalid.append(cell)
                 excluded.append(cell)
                 rejected[(platform, cell.pinned)] = cell
-        for cell in _merge(valid):
+        if not valid:  # an image asked for by name never vanishes silently
+            why = "; ".join(r.message for bad in invalid for r in bad.reasons)
+            raise ConfigError(
+                f"{config.path}: include[{i}] ({invalid[0].id}) is invalid: {why}; "
+                f"fix or remove it (`qwen-ft-images explain {name} ...` shows why)"
+            )
+        for cell in _merge([c for c in valid if (c.platforms[0], inc.key()) not in built]):
             cell = replace(cell, platform_reasons=_platform_reasons(cell, platforms, {}, rejected))
             images.append(finish(cell, image=config.image, recommended=False))
     # Other valid axis cells are candidates, not images: they appear in `matrix --all`.

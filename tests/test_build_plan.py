@@ -80,9 +80,12 @@ class FakeEngine:
         self.digests.setdefault(image_id, []).append(f"{repo}@{digest}")
         return digest
 
+    swapped: dict[str, str] = field(default_factory=dict)  # digest -> the image a racing push left there
+
     def pull(self, ref: str) -> str:
         self.calls.append(("pull", ref))
-        image_id = "sha256:" + self.registry[ref].split(":", 1)[1]
+        digest = ref.split("@", 1)[1] if "@" in ref else self.registry[ref]
+        image_id = self.swapped.get(digest, "sha256:" + digest.split(":", 1)[1])
         self.images[ref] = (image_id, {})
         return image_id
 
@@ -99,10 +102,12 @@ class FakeEngine:
             digest = src.split("@", 1)[1]
             entries[self.platform_of[digest]] = digest
         self.lists[target] = entries
-        return "sha256:list-" + target.rsplit(":", 1)[1]
+        self.registry[target] = "sha256:list-" + target.rsplit(":", 1)[1]
+        return self.registry[target]
 
     def manifest_platforms(self, ref: str) -> dict[str, str] | None:
-        if ref in self.lists:
+        """A list while the tag still points at it; a plain image pushed over it answers {}."""
+        if ref in self.lists and self.registry.get(ref, "").startswith("sha256:list-"):
             return dict(self.lists[ref])
         return {} if ref in self.registry else None
 
@@ -249,10 +254,13 @@ def test_pinned_lists_are_immutable_and_the_alias_moves(project: Project) -> Non
     engine = FakeEngine()
     opts = jobplan.BuildOptions(push=True, registry=REG)
     (first,) = build.run(project, [job], engine, opts)
-    assert first.ok
+    assert first.ok and len(first.pushed) == 3  # content tag, then the alias and pinned lists
+    digest = first.pushed[f"{REG}/{job.hash_ref}"]
+    assert ("pull", f"{REG}/qwen-ft@{digest}") in engine.calls, "pulled back by digest"
     pinned = f"{REG}/qwen-ft:cpu-fp32-torch2.13.0-py3.11"
     engine.lists[pinned] = {"linux/amd64": "sha256:someone-else"}
     engine.lists[f"{REG}/qwen-ft:cpu-fp32"] = {"linux/amd64": "sha256:older"}
+    engine.images.clear()
     (second,) = build.run(project, [job], engine, opts)
     assert second.status == "failed" and second.failed_in == "push"
     assert second.error is not None and "immutable" in second.error and "--force" in second.error
@@ -309,6 +317,88 @@ def test_same_stack_on_two_platforms_is_one_image(project: Project) -> None:
         "qwen-ft:h100-bf16": ["linux/amd64", "linux/arm64"],
         "qwen-ft:h100-bf16-cu130-torch2.14.1-py3.12": ["linux/amd64", "linux/arm64"],
     }
+
+
+def test_a_refused_push_moves_no_tag_not_even_the_alias(project: Project) -> None:
+    """Finding 2(a): every immutable tag is checked before anything is pushed."""
+    (job,) = [j for j in plan(project.root) if j.name == "cpu-fp32"]
+    engine = FakeEngine()
+    opts = jobplan.BuildOptions(push=True, registry="127.0.0.1:5000/team")
+    build.run(project, [job], engine, opts)
+    alias = "127.0.0.1:5000/team/qwen-ft:cpu-fp32"
+    engine.registry[alias] = "sha256:the-old-alias"
+    engine.registry["127.0.0.1:5000/team/qwen-ft:cpu-fp32-torch2.13.0-py3.11"] = "sha256:someone-else"
+    engine.images.clear()
+    engine.calls.clear()
+    (second,) = build.run(project, [job], engine, opts)
+    assert second.status == "failed" and second.failed_in == "push"
+    assert not [c for c in engine.calls if c[0] == "push"], "nothing was pushed"
+    assert engine.registry[alias] == "sha256:the-old-alias"
+    assert second.pushed == {} and "nothing was pushed" in (second.error or "")
+
+
+def test_a_registry_holding_another_image_fails_the_push(project: Project) -> None:
+    """Finding 2(b): the pulled-back image must be the one this run built, not a racing run's."""
+    (job,) = [j for j in plan(project.root) if j.name == "cpu-fp32"]
+    engine = FakeEngine()
+    built = engine.build(
+        build.request_for(job, project.context, jobplan.BuildOptions()), project.logs / "x.log", print
+    )
+    assert built.image_id is not None
+    engine.swapped["sha256:" + built.image_id.split(":")[1]] = "sha256:another-run"
+    (result,) = build.run(
+        project, [job], engine, jobplan.BuildOptions(push=True, registry="127.0.0.1:5000/t")
+    )
+    assert result.status == "failed" and "concurrent push" in (result.error or "")
+
+
+def test_remote_digest_absent_only_for_the_registrys_not_found_codes() -> None:
+    """Finding 2(c): a 403 'project not found or no read permission' is an error, not 'absent'."""
+    import docker
+    import requests
+
+    from builder.engine import DockerEngine
+
+    def error(status: int, text: str) -> docker.errors.APIError:
+        response = requests.Response()
+        response.status_code = status
+        return docker.errors.APIError(f"{status} Client Error", response=response, explanation=text)
+
+    class Images:
+        def __init__(self, exc: Exception) -> None:
+            self.exc = exc
+
+        def get_registry_data(self, ref: str) -> object:
+            raise self.exc
+
+    engine = DockerEngine("sh")
+    for exc, absent in (
+        (error(404, 'Not Found ("manifest unknown: manifest unknown")'), True),
+        (error(404, 'Not Found ("name unknown: repository name not known to registry")'), True),
+        (error(403, 'Forbidden ("project not found or no read permission")'), False),
+        (error(404, 'Not Found ("project not found or no read permission")'), False),
+        (error(500, "Internal Server Error (dial tcp: connection refused)"), False),
+    ):
+        engine._client = type("Client", (), {"images": Images(exc)})()  # type: ignore[assignment]
+        if absent:
+            assert engine.remote_digest("r.example/ns/qwen-ft:t") is None
+        else:
+            with pytest.raises(RegistryError, match="unreachable or refused"):
+                engine.remote_digest("r.example/ns/qwen-ft:t")
+
+
+def test_an_interrupted_run_says_what_it_already_pushed() -> None:
+    """Finding 4: "no tag was moved" only when that is true."""
+    from builder.record import ImageResult
+
+    pushed = ImageResult("cpu-fp32", status="interrupted", pushed={"r/ns/qwen-ft:cpu-fp32": "sha256:1"})
+    assert "already pushed: r/ns/qwen-ft:cpu-fp32" in build.interrupted_message([pushed])
+    assert "finished and tagged before that: v100-fp16" in build.interrupted_message(
+        [ImageResult("v100-fp16", status="built"), ImageResult("cpu-fp32", status="interrupted")]
+    )
+    assert build.interrupted_message([ImageResult("cpu-fp32", status="interrupted")]).endswith(
+        "no tag was moved"
+    )
 
 
 def test_stage_context_links_wheels(project: Project, tmp_path: Path) -> None:

@@ -39,6 +39,10 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
+_TORCHES = ", ".join(f'"2.{j}.0"' for j in range(40))
+# 50 targets x 40 torch x 3 CUDA x 2 Python x 2 flash-attn = 24,000 cells (each target alone is fine).
+_BIG_TARGETS = [f"  big{i}:\n    sm: 80\n    axes: {{torch: [{_TORCHES}]}}\n" for i in range(50)]
+
 CASES = [
     (
         "unknown-top-key",
@@ -86,6 +90,22 @@ CASES = [
         ["targets.v100: every cell is invalid", "matrix --all"],
     ),
     ("missing-sm", GOOD.replace("    sm: 75\n", ""), ["targets.t4: missing 'sm'"]),
+    (
+        # Finding 7: 30 values per axis (810,000 cells) took minutes and gigabytes; now one line.
+        "oversized-target",
+        GOOD.replace(
+            "    sm: 70\n",
+            "    sm: 70\n    axes: {{cuda: [{}], torch: [{}], python: [{}], flash_attn: [{}]}}\n".format(
+                *(", ".join(f'"{a}.{i}"' for i in range(30)) for a in ("12", "2", "3", "2"))
+            ),
+        ),
+        ["targets.v100: its axes make 810,000 candidate cells; the limit is 2,000 per target"],
+    ),
+    (
+        "oversized-matrix",
+        GOOD.replace("targets:\n", "targets:\n" + "".join(_BIG_TARGETS), 1),
+        ["candidate cells; the limit is 20,000"],
+    ),
 ]
 
 

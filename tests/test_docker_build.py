@@ -215,7 +215,9 @@ def test_no_ca_or_proxy_remains_in_the_image(tmp_path: Path, built_cpu: Built, b
     assert proc.returncode == 0, proc.stdout + proc.stderr
     log = (project / "build" / "logs" / "cpu-fp32.log").read_text()
     assert log.startswith(build_client.build_command)
-    assert "--secret id=ca_bundle" in log and "HTTP_PROXY=" in log, "the options did reach the build"
+    assert "--secret id=ca_bundle" in log and "--build-arg HTTP_PROXY" in log, (
+        "the options did reach the build"
+    )
     ref = f"{image}:cpu-fp32"
     history = docker("history", "--no-trunc", ref).stdout
     assert "proxy.invalid" not in history and marker not in history
@@ -334,6 +336,20 @@ def test_ctrl_c_cancels_builds_and_moves_no_tag(
 
     Per path: buildx and the classic client each handle the interrupt themselves.
     """
+    _interrupt_mid_build(tmp_path, built_cpu, build_client, "SIGINT")
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGKILL"])
+def test_sigterm_and_kill_leave_no_build_running(tmp_path: Path, built_cpu: Built, signame: str) -> None:
+    """SIGTERM is handled like Ctrl-C; after `kill -9` the `docker build` child dies with the CLI
+    (PR_SET_PDEATHSIG) instead of finishing an orphan image. One client suffices: the signal
+    handling is the CLI's own, before any client-specific code."""
+    from docker_support import find_client
+
+    _interrupt_mid_build(tmp_path, built_cpu, find_client("buildx"), signame)
+
+
+def _interrupt_mid_build(tmp_path: Path, built_cpu: Built, build_client: Client, signame: str) -> None:
     import os
     import signal
     import sys
@@ -385,11 +401,19 @@ def test_ctrl_c_cancels_builds_and_moves_no_tag(
         proc.kill()
         _, err = proc.communicate()
         raise AssertionError(f"the slow step never started: {err[-2000:]}")
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, signame))
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1].startswith("error: interrupted")
-    assert "Traceback" not in err
+    if signame == "SIGKILL":
+        assert proc.returncode == -signal.SIGKILL
+        # The CLI is gone at once; its `docker build` child (its argv names this project) must follow.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and _processes_naming(project):
+            time.sleep(0.5)
+        assert not _processes_naming(project), "docker build outlived the CLI"
+    else:
+        assert proc.returncode == 130, err
+        assert err.strip().splitlines()[-1].startswith("error: interrupted")
+        assert "Traceback" not in err
     assert log.read_text().startswith(build_client.build_command)
     assert docker("image", "inspect", f"{image}:cpu-fp32", check=False).returncode != 0
     # The daemon is shared: only a container running our step (by its RUN_ID) would be ours.
@@ -398,3 +422,15 @@ def test_ctrl_c_cancels_builds_and_moves_no_tag(
         c for c in new if RUN_ID in docker("inspect", "-f", "{{json .Config.Cmd}}", c, check=False).stdout
     ]
     assert not ours, "no container left behind"
+
+
+def _processes_naming(project: Path) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(project) in text:
+            found.append(text[:200])
+    return found

@@ -6,6 +6,7 @@ No GPU is needed: every probe goes through an injected runner or NVML loader.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -672,3 +673,62 @@ def test_bad_arch_is_one_line() -> None:
     assert proc.stderr.strip().splitlines() == [
         "error: --assume-arch 'sparc' is not a CPU architecture; use one of x86_64, aarch64"
     ]
+
+
+# ----------------------------------------------------------------------------- finding 8: --log input
+
+
+def _one_line_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run(
+        [sys.executable, "-m", "builder", "doctor", "--assume-gpu", "V100", *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("make", "fragment"),
+    [
+        (lambda tmp: Path("/dev/zero"), "not a regular file"),
+        (lambda tmp: tmp, "directory"),
+        (lambda tmp: (os.mkfifo(tmp / "fifo"), tmp / "fifo")[1], "FIFO"),
+    ],
+    ids=["dev-zero", "directory", "fifo"],
+)
+def test_log_that_is_not_a_regular_file_is_refused_at_once(
+    tmp_path: Path, make: Callable[[Path], Path], fragment: str
+) -> None:
+    path = make(tmp_path)
+    proc = _one_line_cli("--log", str(path))  # the 60 s timeout is the "hangs forever" check
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith(f"error: --log {path}: ") and fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-8-sig", "utf-32"])
+def test_utf16_log_with_bom_is_diagnosed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], encoding: str
+) -> None:
+    text = (LOGS / "triton-launcher-gcc.log").read_text(encoding="utf-8")
+    log = tmp_path / "powershell.log"
+    data = text.encode(encoding)
+    if encoding == "utf-16-be":
+        data = b"\xfe\xff" + data
+    log.write_bytes(data)
+    code, out, err = run_cli(monkeypatch, capsys, "doctor", "--log", str(log), "--assume-gpu", "V100")
+    assert code == 0 and err == "", err
+    assert "diagnosis [triton-launcher-gcc]" in out
+
+
+def test_big_log_is_read_from_its_tail(tmp_path: Path) -> None:
+    from builder import doctor
+
+    log = tmp_path / "big.log"
+    log.write_bytes(
+        b"\xff\xfe" + ("x" * 1000 + "\n").encode("utf-16-le") * 50 + "the end\n".encode("utf-16-le")
+    )
+    text = doctor.read_log(log, limit=1001)
+    assert len(text) <= 501 and text.endswith("the end\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -88,10 +89,12 @@ def test_ci_matrix_and_build_agree_on_the_registry(tmp_path: Path) -> None:
     """`--registry ""` used to fall back to matrix.yaml for build but mean none for ci-matrix."""
     text = (ROOT / "matrix.yaml").read_text().replace('registry: ""', 'registry: "m.example/team"')
     assert "m.example/team" in text, "matrix.yaml should declare registry"
-    for name in ("matrix.yaml", "templates", "images", "runtime"):
+    for name in ("matrix.yaml", "templates", "images"):
         src = ROOT / name
         if src.is_dir():
             (tmp_path / name).symlink_to(src)
+    # runtime/ is the build context: a link there is refused (issue 14, finding 1), so copy it.
+    shutil.copytree(ROOT / "runtime", tmp_path / "runtime", ignore=shutil.ignore_patterns("__pycache__"))
     (tmp_path / "matrix.yaml").write_text(text)
     proc = _cli("-f", str(tmp_path / "matrix.yaml"), "ci-matrix", "cpu", "--json")
     assert json.loads(proc.stdout)["include"][0]["hash_tag"].startswith("m.example/team/")

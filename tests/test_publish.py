@@ -158,7 +158,10 @@ def test_report_writes_pages_and_index(tmp_path: Path) -> None:
         report(project)
     (tmp_path / "build" / "reports").mkdir(parents=True)
     (tmp_path / "build" / "report.json").write_text(json.dumps(BUILD))
-    (tmp_path / "build" / "reports" / "smoke.json").write_text("{not json")  # tolerated: treated as absent
+    (tmp_path / "build" / "reports" / "smoke.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"smoke\.json: not valid JSON"):  # never read as "did not run"
+        report(project)
+    (tmp_path / "build" / "reports" / "smoke.json").unlink()
     md_path, html_path, got = report(project)
     assert md_path.name.startswith("report-") and md_path.suffix == ".md" and html_path.suffix == ".html"
     assert (tmp_path / "build" / "reports" / "index.html").read_text() == html_path.read_text()
@@ -179,3 +182,37 @@ def test_report_command(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "2 images, 1 pass every check that ran; failing: a100-bf16" in result.output
     assert (tmp_path / "build" / "reports" / "index.html").is_file()
+
+
+MALFORMED = [
+    ("report.json", "[1, 2]", "should be an object"),
+    ("report.json", '{"images": [1]}', "images[0] should be an object"),
+    ("report.json", '{"images": {"a": 1}}', "images should be a list"),
+    ("report.json", '{"images": [{"image": "x", "size": "big"}]}', "images[0].size has the wrong type"),
+    ("report.json", '{"images": [{"image": "x", "tags": "a,b"}]}', "images[0].tags should be a list"),
+    ("report.json", "\x00\xff garbage", "not valid JSON"),
+    ("reports/smoke.json", '{"images": [{"image": "x", "steps": []}]}', "steps should be an object"),
+    ("reports/audit.json", '{"images": [{"image": "x", "sm": 70, "counts": {"ok": "1"}}]}', "counts.ok"),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "fragment"), MALFORMED, ids=[f"{m[0]}:{m[2]}" for m in MALFORMED])
+def test_malformed_reports_are_one_line(tmp_path: Path, name: str, text: str, fragment: str) -> None:
+    """Finding 13: a malformed report is one `error:` line naming the file, never a traceback."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    (tmp_path / "matrix.yaml").write_text((root / "matrix.yaml").read_text())
+    (tmp_path / "build" / "reports").mkdir(parents=True)
+    (tmp_path / "build" / name).write_text(text, encoding="latin-1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "builder", "--matrix", str(tmp_path / "matrix.yaml"), "report"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
+    assert name.rsplit("/", 1)[-1] in lines[0] and fragment in lines[0], lines[0]

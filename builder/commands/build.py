@@ -22,6 +22,7 @@ BUILD_OPTIONS = (
     "no_proxy",
     "network",
     "platform",
+    "no_lists",
     "docker",
     "dry_run",
 )
@@ -42,6 +43,7 @@ BUILD_OPTIONS = (
 @option("no_proxy")
 @option("network")
 @option("platform")
+@option("no_lists")
 @option("docker")
 @option("dry_run")
 @click.pass_obj
@@ -80,10 +82,12 @@ def build(obj: Context, /, selectors: tuple[str, ...], **cli: object) -> None:
             click.echo(line)
         return
     from builder.commands.console import BuildProgress, summary
+    from builder.lock import project_lock
 
-    engine = DockerEngine(settings["docker"], CommandLog(project.logs / "commands.sh"))
-    with BuildProgress([j.name for j in plan]) as progress:
-        done = building.execute(project, plan, engine, options, on_change=progress.update)
+    with project_lock(project, "build"):  # build/ is this run's alone until it ends
+        engine = DockerEngine(settings["docker"], CommandLog(project.logs / "commands.sh"))
+        with BuildProgress([j.name for j in plan]) as progress:
+            done = building.execute(project, plan, engine, options, on_change=progress.update)
     summary(done.results)
     click.echo(f"report: {done.record.relative_to(project.root)}", err=True)
     building.raise_for_failures(done.results)
@@ -106,7 +110,7 @@ def _already_built(obj: Context, key: str, cli: dict[str, object], started: floa
     settings = opts.resolve(BUILD_OPTIONS, cli, obj.environ, {"registry": known["registry"] or None})
     project = obj.project
     options = opts.options_from(settings)
-    options.check(project.runtime)
+    options.check(project)
     for r in fresh:
         click.echo(f"{r.image}: up-to-date ({(r.image_id or '')[:19]}, {r.tags[-1]})", err=True)
     path = record.record(project, fresh, options, snapshot.engine_version, started)

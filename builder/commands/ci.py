@@ -80,12 +80,17 @@ def bake(obj: Context, /, selectors: tuple[str, ...], output: Path, **cli: objec
     data = baking.bake_file(
         project, facts, registry=registry, ca_bundle=ca_bundle.resolve() if ca_bundle else None
     )
-    content.stage_context(project, options.wheelhouse)
+    from builder.lock import project_lock
+
+    with project_lock(project, "bake"):
+        content.stage_context(project, options.wheelhouse)
     text = json.dumps(data, indent=2) + "\n"
     if str(output) == "-":
         click.echo(text, nl=False)
         return
-    output.write_text(text, encoding="utf-8")
+    from builder.fsio import write_atomic
+
+    write_atomic(output, text, parents=False)
     click.echo(f"wrote {output} ({len(facts)} targets); staged {project.context}", err=True)
     if not registry:
         click.echo("note: no registry, so no registry cache; pass --registry to share the cache", err=True)

@@ -131,6 +131,8 @@ def schema(output: Path | None) -> None:
 
     text = schema_json()
     if output:
-        output.write_text(text, encoding="utf-8")
+        from builder.fsio import write_atomic
+
+        write_atomic(output, text, parents=False)
     else:
         click.echo(text, nl=False)

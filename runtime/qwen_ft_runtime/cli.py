@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__
-from .env import ATTNS, DTYPES, ENV_VARS, FLAGS, Plan
+from .env import ATTNS, DTYPES, ENV_VARS, FLAGS, PLAN_ENV_VARS, Plan
 from .errors import OOM_HINT, UsageError
-from .report import emit
+from .report import emit, stdout_to_stderr
 
 PROG = "qwen-ft-runtime"
+RANK_ERROR_PAUSE_S = 5.0
 
 
 def _positive_int(text: str) -> int:
@@ -33,6 +37,16 @@ def _add_precision(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-len", type=int, default=None)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--nproc",
+        metavar="N|all",
+        help="ranks to start under torchrun: N GPUs (NCCL), all visible GPUs, or N CPU processes (gloo)",
+    )
+    parser.add_argument(
+        "--deepspeed",
+        metavar="STAGE|PATH.json",
+        help="DeepSpeed ZeRO: zero2, zero3, zero2-offload, zero3-offload (shipped configs) or a config file",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     contract = commands.add_parser("contract", help="check the installed stack against the plan")
     for field, flag in FLAGS.items():
         contract.add_argument(
-            flag, dest=f"plan_{field}", metavar="VALUE", help=f"overrides {ENV_VARS[field]}"
+            flag, dest=f"plan_{field}", metavar="VALUE", help=f"overrides {PLAN_ENV_VARS[field]}"
         )
 
     smoke = commands.add_parser("smoke", help="a few real LoRA steps on tiny Qwen2/Qwen3 models")
@@ -89,28 +103,81 @@ def _setup_logging() -> None:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format=f"[{PROG}] %(levelname)s %(message)s")
 
 
+def _prelaunch(args: argparse.Namespace) -> int:
+    """Check what can be checked once, before any rank starts, and count the ranks."""
+    from .dist import check_batch, parse_nproc, resolve_nproc
+
+    requested = parse_nproc(args.nproc or "1")
+    spec = None
+    if args.deepspeed:
+        from .ds import load_spec
+
+        spec = load_spec(args.deepspeed)
+    if args.command == "train":
+        from .train import validate_inputs
+
+        validate_inputs(args)
+    elif args.model:
+        from .model import checkpoint_model_type
+
+        checkpoint_model_type(Path(args.model))
+    import torch
+
+    gpus = torch.cuda.device_count() if args.device != "cpu" else 0
+    nproc = resolve_nproc(requested, args.device, gpus)
+    check_batch(args.batch_size, nproc)
+    if args.command == "train":
+        from .train import check_resume_state, resolve_resume
+
+        check_resume_state(resolve_resume(args.resume, Path(args.output)), args.deepspeed, nproc)
+    if spec is not None:
+        from .ds import check_spec
+
+        check_spec(spec, "cuda" if gpus else "cpu", args.batch_size, nproc)
+    return nproc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    raw_argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(raw_argv)
     _setup_logging()
+    from .dist import in_launched_rank
+
+    rank0 = not in_launched_rank() or os.environ.get("RANK") == "0"
     try:
+        wants_ranks = args.command in ("smoke", "train") and (args.nproc or args.deepspeed)
+        if wants_ranks and not in_launched_rank():
+            nproc = _prelaunch(args)
+            if nproc > 1:
+                from .dist import launch, strip_nproc
+
+                return launch(nproc, strip_nproc(raw_argv))
         if args.command == "contract":
             from .contract import run_contract
 
             overrides = {field: getattr(args, f"plan_{field}") for field in FLAGS}
-            payload, ok = run_contract(Plan.load(overrides=overrides))
+            with stdout_to_stderr():  # a GPU contract imports DeepSpeed ops, which log to stdout
+                payload, ok = run_contract(Plan.load(overrides=overrides))
             emit(payload)
             return 0 if ok else 1
-        if args.command == "smoke":
-            from .smoke import run_smoke
+        with stdout_to_stderr():
+            if args.command == "smoke":
+                from .smoke import run_smoke
 
-            payload, code = run_smoke(args)
-        else:
-            from .train import run_train
+                payload, code = run_smoke(args)
+            else:
+                from .train import run_train
 
-            payload, code = run_train(args)
-        emit(payload)
+                payload, code = run_train(args)
+        if rank0:  # one JSON line for the whole job; rank 0 gathers the others' figures
+            emit(payload)
         return code
     except UsageError as exc:
+        if not rank0:
+            # Every rank reads the same inputs and usually fails the same way. Rank 0 says so
+            # and exits first, and torchrun then stops this rank before it repeats the line;
+            # an error of this rank alone still gets printed after the pause.
+            time.sleep(RANK_ERROR_PAUSE_S)
         print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

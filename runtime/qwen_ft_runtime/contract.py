@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from . import __version__
+from . import __version__, ds_contract
 from .env import (
     NONE,
     Plan,
@@ -166,6 +166,7 @@ def run_contract(plan: Plan) -> tuple[dict[str, Any], bool]:
         check_library("transformers", MIN_TRANSFORMERS),
         check_library("peft", MIN_PEFT),
         check_library("accelerate", None),
+        *ds_contract.checks(plan, torch.__version__, torch.version.cuda, capability is not None),
         *check_device(plan, capability),
     ]
     ok = all(c.ok for c in checks)

@@ -77,15 +77,71 @@ def encode_chat(messages: Sequence[Message], tokenizer: TokenizerLike, max_len: 
     return Example(input_ids, labels)
 
 
+ASSISTANT_HEAD = f"{IM_START}assistant\n"
+
+
+def chat_format(tokenizer: Any) -> str:
+    """`chat_template` when the checkpoint ships one (every Qwen release does), else `chatml`:
+    the hand-written rendering, for the in-code tiny tokenizer."""
+    return "chat_template" if getattr(tokenizer, "chat_template", None) else "chatml"
+
+
+def assistant_spans(text: str, expected: int) -> list[tuple[int, int]]:
+    """Character spans of the assistant replies in a rendered ChatML conversation: from after
+    `<|im_start|>assistant\n` up to and including the `<|im_end|>` that closes the turn.
+
+    Whatever the template puts inside the turn is trained on, so Qwen3's `<think>` block is
+    learnt as part of the reply, as the model has to generate it.
+    """
+    spans: list[tuple[int, int]] = []
+    position = 0
+    while True:
+        head = text.find(ASSISTANT_HEAD, position)
+        if head < 0:
+            break
+        start = head + len(ASSISTANT_HEAD)
+        end = text.find(IM_END, start)
+        if end < 0:
+            raise UsageError("chat template left an assistant turn without <|im_end|>")
+        spans.append((start, end + len(IM_END)))
+        position = end
+    if len(spans) != expected:
+        raise UsageError(
+            f"chat template rendered {len(spans)} assistant turns for {expected} assistant messages; "
+            "is this a Qwen (ChatML) chat template?"
+        )
+    return spans
+
+
+def encode_templated(messages: Sequence[Message], tokenizer: Any, max_len: int | None = None) -> Example:
+    """Render with the checkpoint's own `apply_chat_template`, label the assistant turns.
+
+    Labels come from character offsets into the one rendered string, so every token is the
+    one the model sees at inference; a token straddling a span edge is left unlabelled.
+    """
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False)
+    spans = assistant_spans(text, sum(1 for m in messages if m["role"] == "assistant"))
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = list(encoded["input_ids"])
+    labels = [
+        token if any(lo <= start and end <= hi for lo, hi in spans) else IGNORE_INDEX
+        for token, (start, end) in zip(input_ids, encoded["offset_mapping"], strict=True)
+    ]
+    if max_len is not None:
+        input_ids, labels = input_ids[:max_len], labels[:max_len]
+    return Example(input_ids, labels)
+
+
 def encode_all(
-    conversations: Iterable[Conversation], tokenizer: TokenizerLike, max_len: int | None
+    conversations: Iterable[Conversation], tokenizer: Any, max_len: int | None
 ) -> tuple[list[Example], int]:
     """Encoded examples and how many were dropped because truncation left nothing to train on
     (an all-masked example makes the mean loss 0/0 = NaN)."""
+    encode = encode_templated if chat_format(tokenizer) == "chat_template" else encode_chat
     examples: list[Example] = []
     dropped = 0
     for conversation in conversations:
-        example = encode_chat(conversation, tokenizer, max_len)
+        example = encode(conversation, tokenizer, max_len)
         if example.trained_tokens == 0:
             dropped += 1
         else:

@@ -12,7 +12,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .errors import UsageError
-from .interface import ENV_VARS, NONE
+from .interface import DEEPSPEED_ENV_VARS, ENV_VARS, NONE
+
+# Every ENV the runtime reads as the image's plan: the rendered ones plus DeepSpeed's, which
+# join ENV_VARS once the builder plans DeepSpeed (issue #10).
+PLAN_ENV_VARS: dict[str, str] = {**ENV_VARS, **DEEPSPEED_ENV_VARS}
 
 DTYPES = ("bf16", "fp16", "fp32")
 ATTNS = ("sdpa", "flash_attention_2")
@@ -29,7 +33,30 @@ FLAGS: dict[str, str] = {
     "cuda": "--expect-cuda",
     "flash_attn": "--expect-flash-attn",
     "triton": "--expect-triton",
+    "deepspeed": "--expect-deepspeed",
+    "ds_ops": "--expect-ds-ops",
 }
+
+# DeepSpeed op name -> the module its prebuilt library is imported as (each builder's
+# `absolute_name()` in op_builder/, DeepSpeed v0.19.8). Only ops a plan may carry.
+DS_OP_MODULES: dict[str, str] = {
+    "fused_adam": "deepspeed.ops.adam.fused_adam_op",
+    "cpu_adam": "deepspeed.ops.adam.cpu_adam_op",
+    "cpu_adagrad": "deepspeed.ops.adagrad.cpu_adagrad_op",
+    "cpu_lion": "deepspeed.ops.lion.cpu_lion_op",
+    "fused_lamb": "deepspeed.ops.lamb.fused_lamb_op",
+    "fused_lion": "deepspeed.ops.lion.fused_lion_op",
+    "async_io": "deepspeed.ops.aio.async_io_op",
+}
+
+
+def parse_ds_ops(value: str) -> tuple[str, ...]:
+    """`fused_adam,cpu_adam` -> ("fused_adam", "cpu_adam"); `none` or empty -> ()."""
+    text = value.strip().lower()
+    if text in ("", NONE):
+        return ()
+    return tuple(op.strip() for op in text.split(",") if op.strip())
+
 
 _CHOICES: dict[str, tuple[str, ...]] = {"dtype": DTYPES, "attn": ATTNS, "triton": TRITON_MODES}
 
@@ -97,6 +124,8 @@ class Plan:
     cuda: str | None = None
     flash_attn: str | None = None
     triton: str | None = None
+    deepspeed: str | None = None
+    ds_ops: str | None = None
 
     @property
     def capability(self) -> tuple[int, int] | None:
@@ -118,7 +147,7 @@ class Plan:
         """ENV first, a non-None override wins; values are validated so typos fail early."""
         environ = os.environ if environ is None else environ
         values: dict[str, str | None] = {}
-        for field, var in ENV_VARS.items():
+        for field, var in PLAN_ENV_VARS.items():
             raw = (overrides or {}).get(field)
             source = FLAGS[field] if raw is not None else var
             if raw is None:
@@ -136,7 +165,14 @@ def _validate(field: str, value: str, source: str) -> None:
         raise UsageError(f"{source}={value!r}: expected one of {', '.join(choices)}")
     if field == "sm":
         parse_sm(value)
-    if field in ("torch", "flash_attn", "cuda") and value.lower() != NONE:
+    if field == "ds_ops":
+        unknown = [op for op in parse_ds_ops(value) if op not in DS_OP_MODULES]
+        if unknown:
+            raise UsageError(
+                f"{source}={value!r}: unknown DeepSpeed op {', '.join(unknown)}; "
+                f"expected some of {', '.join(DS_OP_MODULES)} or none"
+            )
+    if field in ("torch", "flash_attn", "cuda", "deepspeed") and value.lower() != NONE:
         try:
             release_tuple(value)
         except ValueError:
@@ -172,6 +208,7 @@ def versions() -> dict[str, Any]:
         "accelerate": dist_version("accelerate"),
         "flash_attn": dist_version("flash-attn", "flash_attn") if module_present("flash_attn") else None,
         "triton": dist_version("triton", "pytorch-triton") if module_present("triton") else None,
+        "deepspeed": dist_version("deepspeed") if module_present("deepspeed") else None,
     }
 
 

@@ -20,6 +20,14 @@ ENV_VARS: dict[str, str] = {
     "triton": "QWEN_FT_TRITON",
 }
 
+# DeepSpeed's plan (issue #10): its release or `none`, and the ops prebuilt into it as
+# comma-separated DeepSpeed op names (`fused_adam,cpu_adam`) or `none`. The runtime reads them
+# already; they move into ENV_VARS when the builder plans and renders them.
+DEEPSPEED_ENV_VARS: dict[str, str] = {
+    "deepspeed": "QWEN_FT_DEEPSPEED",
+    "ds_ops": "QWEN_FT_DS_OPS",
+}
+
 # The console script every image installs, and the module that serves it.
 ENTRY_POINT = "qwen-ft-runtime"
 MODULE = "qwen_ft_runtime"

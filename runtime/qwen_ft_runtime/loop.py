@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from .data import Example, batch_indices, collate
+from .data import IGNORE_INDEX, Example, batch_indices, collate
+from .dist import DistContext, all_sum, barrier
 from .errors import UsageError
 from .model import torch_dtype
 
@@ -63,7 +64,10 @@ class RunResult:
     loss_scale: float | None = None
     # Bytes of weights + gradients + optimizer state once training ran: exact on any device,
     # unlike a CPU process's peak RSS, which the torch import alone dwarfs on small models.
+    # Per rank; under ZeRO the weights and optimizer state are this rank's shards.
     train_state_bytes: int | None = None
+    deepspeed: dict[str, Any] | None = None  # Engine.describe() when DeepSpeed ran
+    engine: Any = None  # the ds.Engine, for saving under ZeRO-3
 
     @property
     def step_time_s(self) -> float | None:
@@ -134,6 +138,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over labelled positions (fp32), and how many there are."""
+    shifted = labels[:, 1:].reshape(-1)
+    flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    total = torch.nn.functional.cross_entropy(flat, shifted, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total, int((shifted != IGNORE_INDEX).sum())
+
+
 def train_loop(
     model: Any,
     examples: Sequence[Example],
@@ -142,31 +154,69 @@ def train_loop(
     pad_id: int,
     *,
     resume: Path | None = None,
+    ctx: DistContext | None = None,
+    ds_config: dict[str, Any] | None = None,
+    ds_spec: Any = None,
 ) -> RunResult:
+    """Train `model` in place. With several ranks each takes its slice of the global batch.
+
+    The loss is the global token mean: each rank's token-loss sum over the global count of
+    labelled tokens, times the world size because DDP and ZeRO average gradients over ranks.
+    So N ranks take exactly the step one process takes on the whole batch.
+    """
+    ctx = ctx or DistContext()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scaler = make_scaler(config.dtype, device)
+    engine = None
+    if ds_config is not None:
+        from .ds import initialize
+
+        engine = initialize(model, params, ds_config, ds_spec)
+        forward: Any = engine.engine
+        optimizer: Any = engine.engine.optimizer
+        scaler = make_scaler("fp32", device)  # DeepSpeed scales fp16 losses itself
+    else:
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        scaler = make_scaler(config.dtype, device)
+        forward = model
+        if ctx.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            forward = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
     result = RunResult()
     if resume is not None:
-        result.start_step = restore_checkpoint(resume, model, optimizer, scaler, config)
+        result.start_step = restore_checkpoint(
+            resume, model, optimizer, scaler, config, ctx=ctx, engine=engine
+        )
         log.info("resumed from %s at step %d", resume, result.start_step)
     autocast_dtype = torch_dtype(config.dtype)
-    use_autocast = config.dtype != "fp32"
+    # DeepSpeed's fp16/bf16 modes cast the module itself; autocast is for the plain path.
+    use_autocast = config.dtype != "fp32" and engine is None
     model.train()
     for step in range(result.start_step, config.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config)
+        if engine is None or not engine.owns_lr:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, config)
         chosen = batch_indices(len(examples), config.batch_size, step, config.seed)
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in chosen], pad_id).items()}
+        mine = chosen[ctx.rank :: ctx.world_size]
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in mine], pad_id).items()}
+        labels = batch.pop("labels")
         _sync(device)
         started = time.perf_counter()
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
-            loss = model(**batch).loss
-        loss_value = float(loss.detach())
+            logits = forward(**batch).logits
+        loss_sum, count = token_loss(logits, labels)
+        global_count = all_sum(ctx, float(count), device)
+        loss = loss_sum * (ctx.world_size / global_count)
+        loss_value = all_sum(ctx, float(loss_sum.detach()), device) / global_count
         if not math.isfinite(loss_value):
             raise NonFiniteLoss(step + 1, loss_value, losses=result.losses)
-        grad_norm, skipped = optimizer_step(loss, params, optimizer, scaler, config.max_grad_norm)
-        if not math.isfinite(grad_norm) and not scaler.is_enabled():
+        if engine is not None:
+            grad_norm, skipped = _deepspeed_step(engine.engine, loss)
+        else:
+            grad_norm, skipped = optimizer_step(loss, params, optimizer, scaler, config.max_grad_norm)
+        if not math.isfinite(grad_norm) and not scaler.is_enabled() and not skipped:
             raise NonFiniteLoss(step + 1, grad_norm, "gradient norm", result.losses)
         _sync(device)
         ended = time.perf_counter()
@@ -181,10 +231,45 @@ def train_loop(
         if config.log_every and ((step + 1) % config.log_every == 0 or step + 1 == config.steps):
             _log_progress(step + 1, config, loss_value, grad_norm, scaler, result)
         if config.save_every and config.output and (step + 1) % config.save_every == 0:
-            save_checkpoint(config.output, step + 1, model, optimizer, scaler, config)
-    result.loss_scale = float(scaler.get_scale()) if scaler.is_enabled() else None
-    result.train_state_bytes = train_state_bytes(model, optimizer)
+            save_checkpoint(config.output, step + 1, model, optimizer, scaler, config, ctx=ctx, engine=engine)
+    if engine is not None:
+        result.engine = engine
+        result.deepspeed = engine.describe()
+        if config.dtype == "fp16":
+            scale = getattr(optimizer, "loss_scale", None)
+            result.loss_scale = None if scale is None else float(scale)
+        basic = getattr(optimizer, "optimizer", optimizer)
+        result.train_state_bytes = train_state_bytes(model, basic)
+    else:
+        result.loss_scale = float(scaler.get_scale()) if scaler.is_enabled() else None
+        result.train_state_bytes = train_state_bytes(model, optimizer)
     return result
+
+
+def rank_figures(ctx: DistContext, device: torch.device, result: RunResult) -> dict[str, Any]:
+    """This rank's timings, for rank 0 to gather into the report."""
+    peak = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+    return {
+        "rank": ctx.rank,
+        "device": str(device),
+        "step_time_s": None if result.step_time_s is None else round(result.step_time_s, 6),
+        "first_step_s": round(result.step_times[0], 6) if result.step_times else None,
+        "total_step_s": round(sum(result.step_times), 6),
+        "tokens_per_s": None if result.tokens_per_s is None else round(result.tokens_per_s, 1),
+        "peak_mem_bytes": peak,
+    }
+
+
+def _deepspeed_step(engine: Any, loss: torch.Tensor) -> tuple[float, bool]:
+    """DeepSpeed's backward + step: it clips (gradient_clipping), scales fp16 losses
+    dynamically and skips overflowing steps itself; read back what it did."""
+    skipped_before = int(getattr(engine, "skipped_steps", 0))
+    engine.backward(loss)
+    engine.step()
+    norm = engine.get_global_grad_norm()
+    skipped = int(getattr(engine, "skipped_steps", 0)) > skipped_before
+    value = float(norm) if norm is not None else float("nan")
+    return value, skipped
 
 
 def train_state_bytes(model: Any, optimizer: torch.optim.Optimizer) -> int:
@@ -196,6 +281,8 @@ def train_state_bytes(model: Any, optimizer: torch.optim.Optimizer) -> int:
     """
 
     def size(tensor: torch.Tensor) -> int:
+        # A ZeRO-3 parameter is an empty placeholder; its shard on this rank is ds_tensor.
+        tensor = getattr(tensor, "ds_tensor", tensor)
         return tensor.numel() * tensor.element_size()
 
     params = list(model.parameters())
@@ -234,44 +321,86 @@ def _trainable_state(model: Any) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _rng_file(rank: int) -> str:
+    # Each rank draws its own dropout masks, so each saves its own RNG.
+    return "rng.pt" if rank == 0 else f"rng-{rank}.pt"
+
+
+DEEPSPEED_TAG = "deepspeed"  # engine.save_checkpoint's tag: checkpoint-N/deepspeed/
+
+
+def save_adapter(
+    model: Any, path: Path, ctx: DistContext, engine: Any = None, *, everything: bool = False
+) -> None:
+    """`save_pretrained` from rank 0: the adapter (LoRA), or the whole model (`everything`).
+
+    Under ZeRO-3 every rank holds a shard of each weight, so all ranks gather the weights to be
+    saved first (a collective: every rank must call this).
+    """
+    from .ds import gathered
+
+    stage = engine.spec.stage if engine is not None else 0
+    with gathered(model, stage, trainable_only=not everything):
+        if ctx.is_main:
+            model.save_pretrained(str(path))
+    barrier(ctx)
+
+
 def save_checkpoint(
     output: Path,
     step: int,
     model: Any,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Any,
     scaler: Any,
     config: LoopConfig,
+    *,
+    ctx: DistContext | None = None,
+    engine: Any = None,
 ) -> Path:
-    """`checkpoint-<step>/`: adapter (LoRA) + trainable weights, optimizer, scaler, RNG, step.
+    """`checkpoint-<step>/`: adapter (LoRA), optimizer and weights, scaler, RNG, step.
 
-    Written to a temporary directory and renamed, so `--resume auto` never picks up a
-    checkpoint that a crash or kill left half-written.
+    Without DeepSpeed the trainable weights and optimizer go in `trainable.pt`/`optimizer.pt`
+    (identical on every rank under DDP, so rank 0 writes them). With DeepSpeed every rank writes
+    its ZeRO shards through `engine.save_checkpoint` under `deepspeed/`. Written to a temporary
+    directory and renamed, so `--resume auto` never picks up a half-written checkpoint.
     """
+    ctx = ctx or DistContext()
     final = output / f"{CHECKPOINT_PREFIX}{step}"
     staging = output / f".{CHECKPOINT_PREFIX}{step}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    if ctx.is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    barrier(ctx)
+    if engine is not None:
+        engine.engine.save_checkpoint(str(staging), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
     if config.method == "lora":
-        model.save_pretrained(str(staging))  # loadable on its own as a PEFT adapter
-    torch.save(_trainable_state(model), staging / "trainable.pt")
-    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-    torch.save(scaler.state_dict(), staging / "scaler.pt")
+        save_adapter(model, staging, ctx, engine)  # loadable on its own as a PEFT adapter
+    if engine is None and ctx.is_main:
+        torch.save(_trainable_state(model), staging / "trainable.pt")
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(scaler.state_dict(), staging / "scaler.pt")
     rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, staging / "rng.pt")
-    state = {
-        "step": step,
-        "steps": config.steps,
-        "method": config.method,
-        "seed": config.seed,
-        "batch_size": config.batch_size,
-        "dtype": config.dtype,
-    }
-    (staging / "state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-    shutil.rmtree(final, ignore_errors=True)
-    staging.replace(final)
-    log.info("saved %s", final)
+    torch.save(rng, staging / _rng_file(ctx.rank))
+    if ctx.is_main:
+        state = {
+            "step": step,
+            "steps": config.steps,
+            "method": config.method,
+            "seed": config.seed,
+            "batch_size": config.batch_size,
+            "dtype": config.dtype,
+            "world_size": ctx.world_size,
+            "deepspeed": engine.spec.name if engine is not None else None,
+        }
+        (staging / "state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+    barrier(ctx)
+    if ctx.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        staging.replace(final)
+        log.info("saved %s", final)
+    barrier(ctx)
     return final
 
 
@@ -294,16 +423,22 @@ def find_latest_checkpoint(output: Path) -> Path | None:
 def restore_checkpoint(
     path: Path,
     model: Any,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Any,
     scaler: Any,
     config: LoopConfig,
+    *,
+    ctx: DistContext | None = None,
+    engine: Any = None,
 ) -> int:
+    ctx = ctx or DistContext()
     state_file = path / "state.json"
     if not state_file.is_file():
         raise UsageError(f"{path} is not a checkpoint (no state.json)")
     state = json.loads(state_file.read_text(encoding="utf-8"))
     if state.get("method") != config.method:
         raise UsageError(f"{path} was trained with --method {state.get('method')}, not {config.method}")
+    # --deepspeed and world-size mismatches were refused before any rank started
+    # (train.check_resume_state).
     for key in ("seed", "batch_size", "dtype"):
         if state.get(key) != getattr(config, key):
             log.warning(
@@ -312,19 +447,26 @@ def restore_checkpoint(
                 state.get(key),
                 getattr(config, key),
             )
-    saved = torch.load(path / "trainable.pt", map_location="cpu", weights_only=True)
-    named = dict(model.named_parameters())
-    missing = sorted({n for n, p in named.items() if p.requires_grad} - set(saved))
-    if missing:
-        raise UsageError(f"{path} does not match this model ({len(missing)} parameters missing)")
-    with torch.no_grad():
-        for name, tensor in saved.items():
-            named[name].copy_(tensor)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    scaler_state = torch.load(path / "scaler.pt", map_location="cpu", weights_only=True)
-    if scaler_state and scaler.is_enabled():
-        scaler.load_state_dict(scaler_state)
-    rng_file = path / "rng.pt"
+    if engine is not None:
+        loaded, _ = engine.engine.load_checkpoint(
+            str(path), tag=DEEPSPEED_TAG, load_module_strict=False, load_optimizer_states=True
+        )
+        if loaded is None:
+            raise UsageError(f"{path}/{DEEPSPEED_TAG} could not be loaded by DeepSpeed")
+    else:
+        saved = torch.load(path / "trainable.pt", map_location="cpu", weights_only=True)
+        named = dict(model.named_parameters())
+        missing = sorted({n for n, p in named.items() if p.requires_grad} - set(saved))
+        if missing:
+            raise UsageError(f"{path} does not match this model ({len(missing)} parameters missing)")
+        with torch.no_grad():
+            for name, tensor in saved.items():
+                named[name].copy_(tensor)
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        scaler_state = torch.load(path / "scaler.pt", map_location="cpu", weights_only=True)
+        if scaler_state and scaler.is_enabled():
+            scaler.load_state_dict(scaler_state)
+    rng_file = path / _rng_file(ctx.rank)
     if rng_file.is_file():
         rng = torch.load(rng_file, map_location="cpu", weights_only=False)
         torch.set_rng_state(rng["cpu"])

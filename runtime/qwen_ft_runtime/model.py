@@ -71,17 +71,24 @@ def build_tiny(kind: str, attn: str, dtype: str, seed: int, vocab_size: int = TI
     return model.to(torch_dtype(dtype))
 
 
-def checkpoint_model_type(path: Path) -> str:
-    """Validate `path` as a local Qwen checkpoint before paying for the transformers import."""
+def checkpoint_config(path: Path) -> dict[str, Any]:
+    """`config.json` of a local checkpoint, validated before paying for the transformers import."""
     if not path.exists():
         raise UsageError(f"model path not found: {path}")
     config_file = path / "config.json"
     if not config_file.is_file():
         raise UsageError(f"{path} is not a Hugging Face checkpoint (no config.json)")
     try:
-        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
-    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise UsageError(f"{config_file} is not a valid JSON config") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{config_file} is not a valid JSON config")
+    return config
+
+
+def checkpoint_model_type(path: Path) -> str:
+    model_type = checkpoint_config(path).get("model_type")
     if model_type not in QWEN_MODEL_TYPES:
         raise UsageError(
             f"{path} is not a Qwen checkpoint (model_type={model_type!r}; "
@@ -96,17 +103,34 @@ def _dtype_kwarg() -> str:
     return "dtype" if version_at_least(version, "4.56") else "torch_dtype"
 
 
-def load_pretrained(path: Path, attn: str, dtype: str, device: torch.device) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def load_pretrained(
+    path: Path,
+    attn: str,
+    dtype: str,
+    device: torch.device,
+    *,
+    tokenizer: Any = None,
+    sharded: bool = False,
+) -> tuple[Any, Any]:
+    """Model and tokenizer from a local checkpoint. `sharded`: ZeRO-3 is active
+    (`ds.hf_zero3_context`), so transformers loads each rank's shard and places it itself."""
+    from transformers import AutoModelForCausalLM
 
     checkpoint_model_type(path)
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(path)
     kwargs: dict[str, Any] = {
         "local_files_only": True,
         "attn_implementation": attn,
         _dtype_kwarg(): torch_dtype(dtype),
     }
-    if device.type == "cuda":
+    if device.type == "cuda" and not sharded:
         # Straight onto the GPU: a 7B model staged in host RAM first can exceed it.
         kwargs["device_map"] = {"": device.index or 0}
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
@@ -157,9 +181,11 @@ def prepare(
 def param_counts(model: Any) -> tuple[int, int]:
     trainable = total = 0
     for parameter in model.parameters():
-        total += parameter.numel()
+        # A ZeRO-3 parameter is an empty placeholder; ds_numel is its full size.
+        count = int(getattr(parameter, "ds_numel", parameter.numel()))
+        total += count
         if parameter.requires_grad:
-            trainable += parameter.numel()
+            trainable += count
     return trainable, total
 
 

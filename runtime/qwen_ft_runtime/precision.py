@@ -193,15 +193,15 @@ def probe_flash_attn() -> tuple[bool, str]:
     return True, str(getattr(flash_attn, "__version__", "unknown"))
 
 
-def pick_device(name: str) -> Any:
-    """`auto` is the first visible CUDA device, else the CPU."""
+def pick_device(name: str, local_rank: int = 0) -> Any:
+    """`auto` is a visible CUDA device (this rank's: torchrun's LOCAL_RANK), else the CPU."""
     import torch
 
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA device is visible")
-    return torch.device("cuda", 0) if name == "cuda" else torch.device("cpu")
+    return torch.device("cuda", local_rank) if name == "cuda" else torch.device("cpu")
 
 
 def runtime_precision(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,3 +46,22 @@ def emit(payload: dict[str, Any]) -> None:
     """Exactly one line on stdout, so `... | tail -n1 | jq` works whatever else was logged."""
     sys.stdout.write(json.dumps(_clean(payload), allow_nan=False, sort_keys=False) + "\n")
     sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to stdout meanwhile to stderr, at the file-descriptor level.
+
+    DeepSpeed logs to a handler bound to sys.stdout at import time and prints op build
+    messages; swapping `sys.stdout` would not catch those, and stdout must carry only the
+    JSON line.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)

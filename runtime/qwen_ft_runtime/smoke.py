@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 from . import IMPORT_T0, __version__
 from .data import encode_all, synthetic_conversations
+from .dist import DistContext
 from .env import Plan, device_info, versions
 from .errors import OOM_HINT, UsageError
-from .model import TINY_MODELS, checkpoint_model_type
+from .model import TINY_MODELS, checkpoint_config, checkpoint_model_type, tiny_config
 from .precision import Precision, device_compatible, sm_label
 from .report import Check, first_failure, skipped
 
@@ -47,6 +48,9 @@ RUN_KEYS = (
     "train_state_bytes",
     "loss_scale",
     "skipped_steps",
+    "chat_format",
+    "deepspeed",
+    "ranks",
 )
 
 
@@ -97,13 +101,37 @@ def run_smoke(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
         checkpoint_model_type(model_path)  # fail fast, before the heavy imports
     if args.steps < 2:
         raise UsageError("--steps must be at least 2 to judge whether the loss decreases")
+    spec = None
+    if args.deepspeed:
+        from .ds import load_spec
 
+        spec = load_spec(args.deepspeed)
+
+    from . import dist
+    from .precision import pick_device
+
+    device = pick_device(args.device, dist.local_rank())
+    ctx = dist.init(device.type, deepspeed=spec is not None)
+    try:
+        dist.quiet_other_ranks(ctx)
+        dist.check_batch(args.batch_size, ctx.world_size)
+        if spec is not None:
+            from .ds import check_spec
+
+            check_spec(spec, device.type, args.batch_size, ctx.world_size)
+        return _run(args, model_path, device, ctx, spec)
+    finally:
+        dist.shutdown(ctx)
+
+
+def _run(
+    args: argparse.Namespace, model_path: Path | None, device: torch.device, ctx: DistContext, spec: Any
+) -> tuple[dict[str, Any], int]:
     import torch
 
-    from .precision import pick_device, runtime_precision
+    from .precision import runtime_precision
 
     plan = Plan.load()
-    device = pick_device(args.device)
     capability, precision = runtime_precision(
         device.type,
         flag_dtype=args.dtype,
@@ -125,7 +153,7 @@ def run_smoke(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
         targets = [str(model_path)] if model_path else list(args.tiny or TINY_MODELS)
         for target in targets:
             torch.manual_seed(args.seed)
-            run, run_checks, step_end = _smoke_one(target, model_path, args, device, precision)
+            run, run_checks, step_end = _smoke_one(target, model_path, args, device, precision, ctx, spec)
             runs.append(run)
             checks.extend(run_checks)
             first_step_end = first_step_end or step_end
@@ -148,6 +176,8 @@ def run_smoke(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
         "method": args.method,
         "steps": args.steps,
         "seed": args.seed,
+        **ctx.as_dict(),
+        "deepspeed": spec.name if spec is not None else None,
         "plan": plan.as_dict(),
         "runs": runs,
         "import_to_first_step_s": _round(import_to_first),
@@ -171,12 +201,15 @@ def _smoke_one(
     args: argparse.Namespace,
     device: torch.device,
     precision: Precision,
+    ctx: DistContext,
+    spec: Any,
 ) -> tuple[dict[str, Any], list[Check], float | None]:
     """One model's run: its report entry, its checks, and when its first step ended."""
     import torch
 
-    from .data import build_tokenizer
-    from .loop import LoopConfig, NonFiniteLoss, train_loop
+    from . import dist
+    from .data import build_tokenizer, chat_format
+    from .loop import LoopConfig, NonFiniteLoss, rank_figures, train_loop
     from .model import (
         build_tiny,
         load_pretrained,
@@ -193,12 +226,41 @@ def _smoke_one(
     checks: list[Check] = []
     try:
         if model_path is not None:
-            model, tokenizer = load_pretrained(model_path, precision.attn, weights, device)
             lr = args.lr or default_lr(precision.dtype)
+            hidden = int(checkpoint_config(model_path).get("hidden_size", 0))
+        else:
+            lr = args.lr or TINY_LR[args.method]
+            hidden = int(tiny_config(target).hidden_size)
+        ds_config = None
+        zero3 = None
+        if spec is not None:
+            from .ds import hf_zero3_context, resolve_config
+
+            ds_config = resolve_config(
+                spec,
+                dtype=precision.dtype,
+                lr=lr,
+                batch_size=args.batch_size,
+                world_size=ctx.world_size,
+                steps=args.steps,
+                warmup_steps=0,
+                max_grad_norm=1.0,
+                weight_decay=0.0,
+                device_type=device.type,
+                hidden_size=hidden,
+            )
+            # Only a checkpoint loads sharded; the tiny models are built whole and ZeRO-3
+            # partitions them when the engine starts.
+            if spec.stage == 3 and model_path is not None:
+                zero3 = hf_zero3_context(ds_config)
+        if model_path is not None:
+            model, tokenizer = load_pretrained(
+                model_path, precision.attn, weights, device, sharded=zero3 is not None
+            )
         else:
             tokenizer = build_tokenizer()
             model = build_tiny(target, precision.attn, weights, args.seed).to(device)
-            lr = args.lr or TINY_LR[args.method]
+        run["chat_format"] = chat_format(tokenizer)
         model = prepare(model, args.method, gradient_checkpointing=args.gradient_checkpointing)
         trainable, total = param_counts(model)
         conversations = synthetic_conversations(args.batch_size, args.seed)
@@ -221,7 +283,10 @@ def _smoke_one(
             total_params=total,
             tokens_per_step=sum(len(e.input_ids) for e in examples),
         )
-        if args.method == "lora":
+        if args.method == "lora" and ds_config is not None and precision.dtype != "fp32":
+            # DeepSpeed casts the module to fp16/bf16 and keeps fp32 masters in its optimizer.
+            checks.append(skipped(f"{target}:trainable_fp32", "DeepSpeed holds the fp32 master weights"))
+        elif args.method == "lora":
             dtypes = run["trainable_dtypes"]
             checks.append(Check(f"{target}:trainable_fp32", dtypes == ["float32"], f"{dtypes}"))
         if device.type == "cuda":
@@ -234,7 +299,10 @@ def _smoke_one(
             precision.attn,
             lr,
         )
-        result = train_loop(model, examples, config, device, pad_id)
+        result = train_loop(
+            model, examples, config, device, pad_id, ctx=ctx, ds_config=ds_config, ds_spec=spec
+        )
+        del zero3
     except NonFiniteLoss as exc:
         checks.append(Check(f"{target}:finite_loss", False, str(exc)))
         run["losses"] = [round(x, 6) for x in exc.losses]
@@ -261,6 +329,8 @@ def _smoke_one(
         train_state_bytes=result.train_state_bytes,
         loss_scale=result.loss_scale,
         skipped_steps=result.skipped_steps,
+        deepspeed=result.deepspeed,
+        ranks=dist.gather(ctx, rank_figures(ctx, device, result)),
     )
     finite = all(math.isfinite(x) for x in result.losses)
     checks.append(Check(f"{target}:finite_loss", finite, f"{len(result.losses)} finite losses"))

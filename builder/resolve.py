@@ -1362,7 +1362,7 @@ def explain(
         return replace(rec, filled=free)
     found = complete(kb, target, given, dtype, on)
     if found is None or rec is None:
-        spec = replace(rec.spec if rec else images[0].spec, **given)
+        spec = found.spec if found is not None else replace(rec.spec if rec else images[0].spec, **given)
         verdict = check(kb, target, spec, dtype=dtype, origin="explain", platform=on)
         if isinstance(verdict, Cell) and rec is None:
             # valid on this platform, but the target does not build for it
@@ -1375,7 +1375,8 @@ def explain(
                 reasons=(
                     Reason(
                         "platform-not-built",
-                        f"{target.name} is not built for {on}; add it to targets.{target.name}.axes.platform",
+                        f"{target.name} is not built for {on}, though {verdict.pinned} would be valid there; "
+                        f"add {on} to targets.{target.name}.axes.platform",
                         "matrix.yaml",
                     ),
                 ),

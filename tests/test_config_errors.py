@@ -102,6 +102,29 @@ CASES = [
         ["targets.v100: its axes make 810,000 candidate cells; the limit is 2,000 per target"],
     ),
     (
+        "platform-typo",
+        GOOD.replace(
+            "      platform: [linux/amd64, linux/arm64]", "      platform: [linux/amd64, linux/arm]", 1
+        ),
+        [
+            "targets.h100.axes.platform[1]",
+            "'linux/arm' is not one of linux/amd64, linux/arm64",
+            "linux/arm64",
+        ],
+    ),
+    (
+        "platform-twice",
+        GOOD.replace(
+            "      platform: [linux/amd64, linux/arm64]", "      platform: [linux/arm64, linux/arm64]", 1
+        ),
+        ["targets.h100.axes.platform: lists a value twice"],
+    ),
+    (
+        "platform-empty",
+        GOOD.replace("      platform: [linux/amd64, linux/arm64]", "      platform: []", 1),
+        ["targets.h100.axes.platform: the list is empty"],
+    ),
+    (
         "oversized-matrix",
         GOOD.replace("targets:\n", "targets:\n" + "".join(_BIG_TARGETS), 1),
         ["candidate cells; the limit is 20,000"],
@@ -189,3 +212,23 @@ def test_matrix_validates_against_published_schema() -> None:
 def test_parse_rejects_non_string_keys(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="must be a string"):
         config.parse("targets:\n  70: {sm: 70}\n", tmp_path / "m.yaml")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (
+            ["build", "cpu", "--dry-run", "--platform", "linux/arm"],
+            ["--platform 'linux/arm' is not a platform", "linux/arm64"],
+        ),
+        (
+            ["build", "cpu", "--dry-run", "--platform", "windows/amd64"],
+            ["--platform 'windows/amd64' is not a platform"],
+        ),
+        (["explain", "cpu", "--platform", "linux/amd64,linux/arm64"], ["explain takes one platform"]),
+        (["explain", "cpu", "--platform", "arm64"], ["--platform 'arm64' is not a platform"]),
+        (["doctor", "--assume-arch", "ppc64le"], ["--assume-arch 'ppc64le' is not a CPU architecture"]),
+    ],
+)
+def test_bad_platform_names_are_one_line(args: list[str], fragments: list[str]) -> None:
+    assert_one_line_error(run_cli(*args), *fragments)

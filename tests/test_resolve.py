@@ -8,7 +8,7 @@ import pytest
 from packaging.version import Version
 
 from builder import resolve
-from builder.config import CellSpec, MatrixConfig
+from builder.config import CellSpec, MatrixConfig, TargetConfig
 from builder.errors import ConfigError
 from builder.knowledge import Knowledge
 
@@ -496,3 +496,78 @@ def test_wheel_policy_is_explained_on_ampere_images(kb: Knowledge, matrix: Matri
     a100 = resolve.resolve(matrix, kb).recommended("a100")
     note = next(n for n in a100.notes if n.rule == "flash-attn-wheel-policy")
     assert f"torch {a100.spec.torch} only because" in note.message
+
+
+# ----------------------------------------------------------------------------- platforms (#12)
+
+
+def _target(matrix: MatrixConfig, name: str) -> TargetConfig:
+    return matrix.targets[name]
+
+
+@pytest.mark.parametrize(
+    ("target", "cell", "platform", "rules"),
+    [
+        # PyPI's aarch64 torch: CPU up to 2.10, CUDA 13.0 for 2.11-2.14.1 (read from the wheels)
+        ("cpu", ("none", "2.10.0", "3.11", "none"), "linux/arm64", []),
+        ("cpu", ("none", "2.13.0", "3.11", "none"), "linux/arm64", ["platform-torch-wheel"]),
+        ("cpu", ("none", "2.13.0", "3.11", "none"), "linux/amd64", []),
+        ("h100", ("13.0", "2.14.1", "3.12", "none"), "linux/arm64", []),
+        ("h100", ("12.6", "2.14.1", "3.12", "none"), "linux/arm64", ["platform-torch-wheel"]),
+        # torch 2.8.0's aarch64 wheel is the CPU build, and its triton 3.4.0 has no aarch64 wheel
+        (
+            "h100",
+            ("12.8", "2.8.0", "3.12", "none"),
+            "linux/arm64",
+            ["platform-torch-wheel", "platform-triton"],
+        ),
+        # the aarch64 wheels start at sm_80: nothing runs on a T4 (sm_75) there
+        ("t4", ("13.0", "2.14.1", "3.12", "none"), "linux/arm64", ["platform-torch-arch"]),
+        ("t4", ("13.0", "2.14.1", "3.12", "none"), "linux/amd64", []),
+        # no flash-attn wheel on aarch64: a source build, which 2.8.3 never had for CUDA 13
+        ("h100", ("13.0", "2.14.1", "3.12", "2.8.3"), "linux/arm64", ["flash-attn-source-cuda"]),
+    ],
+)
+def test_platform_rules(
+    kb: Knowledge,
+    matrix: MatrixConfig,
+    target: str,
+    cell: tuple[str, str, str, str],
+    platform: str,
+    rules: list[str],
+) -> None:
+    cuda, torch_v, python, fa = cell
+    spec = CellSpec(target=target, cuda=cuda, torch=torch_v, python=python, flash_attn=fa)
+    verdict = resolve.check(kb, _target(matrix, target), spec, origin="axes", platform=platform)
+    assert sorted({r.rule for r in verdict.reasons}) == sorted(rules)
+    assert all(r.source for r in verdict.reasons)
+    if not rules:
+        assert verdict.plan is not None and verdict.platforms == (platform,)
+
+
+def test_arm64_plans_take_pypi_aarch64_builds(kb: Knowledge, matrix: MatrixConfig) -> None:
+    spec = CellSpec(target="cpu", cuda="none", torch="2.10.0", python="3.11", flash_attn="none")
+    arm = resolve.check(kb, _target(matrix, "cpu"), spec, origin="axes", platform="linux/arm64")
+    amd = resolve.check(kb, _target(matrix, "cpu"), spec, origin="axes", platform="linux/amd64")
+    assert arm.plan is not None and amd.plan is not None
+    assert (arm.plan.torch.requirement, arm.plan.torch.index_url) == ("torch==2.10.0", None)
+    assert amd.plan.torch.requirement == "torch==2.10.0+cpu" and amd.plan.torch.index_url
+    h = CellSpec(target="h100", cuda="13.0", torch="2.14.1", python="3.12", flash_attn="none")
+    gh = resolve.check(kb, _target(matrix, "h100"), h, origin="axes", platform="linux/arm64")
+    assert (
+        gh.plan is not None
+        and gh.plan.torch.index_url is None
+        and gh.plan.torch.requirement == "torch==2.14.1"
+    )
+
+
+def test_each_platform_gets_its_recommended_image(kb: Knowledge, matrix: MatrixConfig) -> None:
+    res = resolve.resolve(matrix, kb)
+    by_id = {c.id: c for c in res.cells}
+    assert by_id["h100-bf16"].platforms == ("linux/amd64",)
+    gh = by_id["h100-bf16-arm64"]
+    assert gh.platforms == ("linux/arm64",) and gh.recommended and gh.alias == "h100-bf16"
+    assert gh.plan.tags == ("qwen-ft:h100-bf16", "qwen-ft:h100-bf16-cu130-torch2.14.1-py3.12")
+    assert [r.rule for p, rs in by_id["h100-bf16"].platform_reasons for r in rs] == ["platform-other-image"]
+    # targets without the axis stay amd64-only
+    assert by_id["a100-bf16"].platforms == ("linux/amd64",) and "a100-bf16-arm64" not in by_id

@@ -160,3 +160,20 @@ def test_buildx_accepts_the_file(baked: tuple[Path, dict[str, Any]]) -> None:
     assert proc.returncode == 0, proc.stderr
     printed = json.loads(proc.stdout)
     assert set(printed["target"]) == set(data["target"])
+
+
+def test_platform_filter_and_per_platform_base(tmp_path: Path) -> None:
+    """bake --platform keeps only those platforms' targets; a base_map rule can name one platform."""
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "builder", "bake", "-o", "-", "cpu", "--platform", "linux/arm64",
+            "--base-map", "debian:bookworm-slim@linux/arm64=local/debian:arm64",
+            "--base-map", "debian:bookworm-slim=local/debian:amd64",
+        ],
+        cwd=ROOT, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    targets = json.loads(proc.stdout)["target"]
+    assert list(targets) == ["cpu-fp32-arm64"]
+    (t,) = targets.values()
+    assert t["platforms"] == ["linux/arm64"] and t["args"]["BASE_IMAGE"] == "local/debian:arm64"

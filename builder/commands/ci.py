@@ -56,6 +56,7 @@ def ci_matrix(obj: Context, /, selectors: tuple[str, ...], as_lists: bool, **cli
 @option("base_map")
 @option("wheelhouse")
 @option("ca_bundle")
+@option("platform")
 @click.pass_obj
 def bake(obj: Context, /, selectors: tuple[str, ...], output: Path, **cli: object) -> None:
     """Write a `docker buildx bake` file for the selected images and stage build/context/.
@@ -68,7 +69,10 @@ def bake(obj: Context, /, selectors: tuple[str, ...], output: Path, **cli: objec
     cfg, kb, res = obj.load()
     settings = obj.settings(cli, cfg=cfg)
     ca_bundle = settings["ca_bundle"]
+    from builder.options import parse_platforms
+
     options = jobs.BuildOptions(
+        platforms=parse_platforms(settings["platform"]),
         base_map=jobs.parse_base_map(settings["base_map"]),
         wheelhouse=settings["wheelhouse"],
         ca_bundle=ca_bundle,

@@ -44,6 +44,8 @@ PYTHON = label("python")
 FLASH_ATTN = label("flash-attn")
 TRITON = label("triton")
 MIN_DRIVER = label("min-driver")
+DEEPSPEED = label("deepspeed")
+DS_OPS = label("deepspeed-ops")
 SPEC = label("spec")
 CONTENT_HASH = label("content-hash")
 # Labels on the throwaway containers the host starts, so a crashed run's leftovers can be found.

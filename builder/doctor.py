@@ -439,7 +439,7 @@ def diagnose(
     found: list[Diagnosis] = []
     for sig in signatures if signatures is not None else load_signatures():
         hit = _first_hit(sig, lines)
-        if hit is None:
+        if hit is None or not all(any(p.search(line) for line in lines) for p in sig.requires):
             continue
         number, line, match = hit
         groups = {k: v for k, v in match.groupdict().items() if v is not None}
@@ -458,7 +458,8 @@ def diagnose(
                 tuple(_group_notes(kb, config, cells, groups)),
             )
         )
-    return sorted(found, key=lambda d: d.line)
+    superseded = {i for d in found for i in d.signature.supersedes}
+    return sorted((d for d in found if d.signature.id not in superseded), key=lambda d: d.line)
 
 
 def _first_hit(sig: Signature, lines: Sequence[str]) -> tuple[int, str, re.Match[str]] | None:

@@ -14,7 +14,9 @@ from qwen_ft_runtime.interface import ENTRY_POINT, ENV_VARS, MODULE
 __all__ = [
     "ENTRY_POINT",
     "ENV_VARS",
+    "DATA_MOUNT",
     "MODEL_MOUNT",
+    "OUTPUT_MOUNT",
     "MODULE",
     "label",
     "plan_env",
@@ -55,8 +57,11 @@ AUDIT_RUN = label("audit-run")
 COMPARE_RUN = label("compare-run")
 COMPARE_PROJECT = label("compare-project")
 
-# Where the host mounts a user's checkpoint (read-only) for smoke and compare.
+# Where the host mounts a user's checkpoint (read-only) for smoke, compare and train, and
+# where `doctor`'s training line mounts the data (read-only) and the output.
 MODEL_MOUNT = "/model"
+DATA_MOUNT = "/data"
+OUTPUT_MOUNT = "/output"
 
 
 def plan_env(values: Mapping[str, str]) -> dict[str, str]:

@@ -73,6 +73,13 @@ class HostIsa:
 
 
 @dataclass(frozen=True)
+class RunFlag:
+    flag: str  # a `docker run` flag a multi-GPU training container needs
+    why: str
+    source: str
+
+
+@dataclass(frozen=True)
 class DeepSpeedKnowledge:
     releases: tuple[DsRelease, ...]
     ops: dict[str, DsOp]
@@ -84,6 +91,7 @@ class DeepSpeedKnowledge:
     cpu_ops: tuple[str, ...]  # what the cpu image prebuilds (none: no compiler there)
     image_plan_source: str
     host_isa: dict[str, HostIsa]
+    run_flags: tuple[RunFlag, ...] = ()
 
     def release(self, version: str) -> DsRelease | None:
         return next((r for r in self.releases if r.version == version), None)
@@ -204,6 +212,10 @@ def _build(data: dict[str, Any]) -> DeepSpeedKnowledge:
             )
             for machine, isa in data["host_isa"].items()
         },
+        run_flags=tuple(
+            RunFlag(flag=str(f["flag"]), why=str(f["why"]), source=_source(f, f"container_run {f['flag']}"))
+            for f in data["container_run"]
+        ),
     )
     knowledge = replace(knowledge, gpu_ops=knowledge.recipe(offload_optimizer=True))
     _source(data["install_record"], "install_record")

@@ -12,12 +12,12 @@ from collections.abc import Mapping
 from qwen_ft_runtime.interface import ENTRY_POINT, ENV_VARS, MODULE
 
 __all__ = [
+    "DATA_MOUNT",
     "ENTRY_POINT",
     "ENV_VARS",
-    "DATA_MOUNT",
     "MODEL_MOUNT",
-    "OUTPUT_MOUNT",
     "MODULE",
+    "OUTPUT_MOUNT",
     "label",
     "plan_env",
     "qualify",

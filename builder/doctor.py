@@ -672,7 +672,8 @@ def render_text(report: Report, *, log_name: str | None = None) -> str:
         out.append(f"train    LoRA across {which} ({len(t.gpus)} ranks, DeepSpeed ZeRO-2) with {t.tag}:")
         out.append(f"  run      {t.command}")
         out.append(
-            "  mounts   MODEL_DIR (checkpoint, read-only), DATA_DIR (train.jsonl, read-only), OUTPUT_DIR (adapter)"
+            "  mounts   MODEL_DIR (checkpoint, read-only), DATA_DIR (train.jsonl, read-only), "
+            "OUTPUT_DIR (adapter)"
         )
     out.append("")
     if report.cpu is not None:

@@ -65,7 +65,6 @@ class DeepSpeedPlan:
     source: str
     libraries: tuple[str, ...] = ()  # each op's compiled module as a path in the wheel
 
-
     @property
     def ops_env(self) -> str:
         return ",".join(self.ops) or "none"
@@ -960,7 +959,9 @@ def _deepspeed_plan(kb: Knowledge, q: Query, distro: Distro) -> DeepSpeedPlan:
     assert release is not None  # rule_deepspeed_release passed
     ops = _ds_ops(kb, q.target)
     if not ops:
-        return DeepSpeedPlan(release.version, (), None, {}, release.sdist_sha256, None, None, None, release.source)
+        return DeepSpeedPlan(
+            release.version, (), None, {}, release.sdist_sha256, None, None, None, release.source
+        )
     assert q.sm is not None  # rule_deepspeed_ops refuses ops on the cpu target
     cuda_ops = [op for op in ops if not ds.op(op).host]
     isa = ds.host_isa["x86_64"] if any(ds.op(op).host for op in ops) else None

@@ -678,7 +678,9 @@ def test_big_log_is_read_from_its_tail(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- the training line
 
 
-def test_training_line_uses_every_gpu_with_the_container_flags(kb: Knowledge, res: resolve.Resolution) -> None:
+def test_training_line_uses_every_gpu_with_the_container_flags(
+    kb: Knowledge, res: resolve.Resolution
+) -> None:
     report = report_for(kb, res, smi_host("v100.csv"))
     (train,) = report.train
     assert train.gpus == (0, 1, 2, 3) and train.tag == "qwen-ft:v100-fp16"
@@ -703,7 +705,10 @@ def test_training_line_uses_every_gpu_with_the_container_flags(kb: Knowledge, re
 
 def test_mixed_gpus_get_one_training_line_per_image(kb: Knowledge, res: resolve.Resolution) -> None:
     report = report_for(kb, res, smi_host("mixed.csv"))
-    assert [(t.gpus, t.tag) for t in report.train] == [((0,), "qwen-ft:v100-fp16"), ((1,), "qwen-ft:a100-bf16")]
+    assert [(t.gpus, t.tag) for t in report.train] == [
+        ((0,), "qwen-ft:v100-fp16"),
+        ((1,), "qwen-ft:a100-bf16"),
+    ]
     assert report.train[0].command.startswith("docker run --gpus '\"device=0\"' --ipc=host ")
 
 

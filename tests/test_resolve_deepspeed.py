@@ -183,7 +183,7 @@ def test_template_prebuilds_in_a_devel_stage_and_ships_only_the_wheel(
     assert "pip wheel -v --no-deps --no-build-isolation --wheel-dir /dist" in build
     assert kb.deepspeed.release("0.19.8").sdist_sha256 in build  # type: ignore[union-attr]
     assert 'export CUDA_HOME="${nvcc%/bin/nvcc}"' in build
-    assert '-march=x86-64-v3' in build and "fused_adam_op" in build and "cpu_adam_op" in build
+    assert "-march=x86-64-v3" in build and "fused_adam_op" in build and "cpu_adam_op" in build
     image = stages["image"]
     assert image.startswith("FROM stack\n")
     assert "--mount=type=bind,from=ds-build,source=/dist,target=/dist" in image

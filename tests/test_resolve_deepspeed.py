@@ -201,3 +201,14 @@ def test_cpu_template_builds_pure_python_deepspeed(kb: Knowledge, matrix: Matrix
     assert "DS_BUILD_OPS=0 " in stages["ds-build"] and "DS_ACCELERATOR" not in stages["ds-build"]
     assert "BUILDER_IMAGE" not in "".join(stages.values())
     assert "QWEN_FT_DS_OPS=none" in stages["image"]
+
+
+def test_gpu_images_carry_the_infiniband_verbs_libraries(kb: Knowledge, matrix: MatrixConfig) -> None:
+    resolution = resolve.resolve(matrix, kb)
+    env = environment(ROOT / "templates")
+    assert kb.deepspeed.ib_packages == ("libibverbs1", "ibverbs-providers") and kb.deepspeed.ib_source
+    for cell in resolution.cells:
+        stack = _stages(dockerfile(env, kb, cell, "qwen-ft"))["stack"]
+        install = next(line for line in stack.splitlines() if "apt-get install" in line)
+        has = "libibverbs1" in install and "ibverbs-providers" in install
+        assert has == (cell.sm is not None), cell.id

@@ -92,6 +92,8 @@ class DeepSpeedKnowledge:
     image_plan_source: str
     host_isa: dict[str, HostIsa]
     run_flags: tuple[RunFlag, ...] = ()
+    ib_packages: tuple[str, ...] = ()  # apt packages NCCL's InfiniBand transport needs
+    ib_source: str = ""
 
     def release(self, version: str) -> DsRelease | None:
         return next((r for r in self.releases if r.version == version), None)
@@ -216,6 +218,8 @@ def _build(data: dict[str, Any]) -> DeepSpeedKnowledge:
             RunFlag(flag=str(f["flag"]), why=str(f["why"]), source=_source(f, f"container_run {f['flag']}"))
             for f in data["container_run"]
         ),
+        ib_packages=_strs(data["nccl_ib"]["apt"]),
+        ib_source=_source(data["nccl_ib"], "nccl_ib"),
     )
     knowledge = replace(knowledge, gpu_ops=knowledge.recipe(offload_optimizer=True))
     _source(data["install_record"], "install_record")

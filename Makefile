@@ -64,6 +64,7 @@ bench: deps-dev
 	$(PY) benchmarks/render_scale.py
 	QWEN_FT_DOCKER=$${QWEN_FT_DOCKER:-docker} $(PY) benchmarks/build_speed.py noop disk
 	QWEN_FT_DOCKER=$${QWEN_FT_DOCKER:-docker} $(PY) benchmarks/smoke_container.py
+	QWEN_FT_DOCKER=$${QWEN_FT_DOCKER:-docker} $(PY) benchmarks/up_to_date.py
 
 # The cold builds: slow, and they need PyPI.
 bench-cold: deps-dev

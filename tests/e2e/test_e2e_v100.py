@@ -84,7 +84,7 @@ def stage_seconds(log: str) -> dict[str, float]:
     for line in log.splitlines():
         m = re.match(r"#(\d+) \[([\w-]+) (\d+)/\d+\] (.*)", line)
         if m:
-            names.setdefault(m.group(1), f"{m.group(2)}|{m.group(3)}|{m.group(4)[:200]}")
+            names.setdefault(m.group(1), f"{m.group(2)}|{m.group(3)}|{m.group(4)[:400]}")
         m = re.match(r"#(\d+) DONE (\d+(?:\.\d+)?)s", line)
         if m:
             done[m.group(1)] = float(m.group(2))

@@ -129,7 +129,7 @@ def test_host_smoke_passes_nproc_through(built_cpu: Built) -> None:
     ranks = row["ranks"]
     assert isinstance(ranks, list) and {r["rank"] for r in ranks} == {0, 1}
     md = (project / "build" / "reports" / "smoke.md").read_text()
-    assert "| 2 x gloo (torchrun): r0 " in md  # the ranks column: world size, backend, per-rank times
+    assert "| 2 x gloo (torchrun): qwen2-tiny: r0 " in md  # ranks column: world size, backend, per-rank times
     bad = cli(project, "smoke", "cpu", "--nproc", "0", timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --nproc '0'")
 

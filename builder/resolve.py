@@ -964,7 +964,8 @@ def _deepspeed_plan(kb: Knowledge, q: Query, distro: Distro) -> DeepSpeedPlan:
         )
     assert q.sm is not None  # rule_deepspeed_ops refuses ops on the cpu target
     cuda_ops = [op for op in ops if not ds.op(op).host]
-    isa = ds.host_isa["x86_64"] if any(ds.op(op).host for op in ops) else None
+    # The images are linux/amd64 until a platform axis says otherwise: x86_64 host code.
+    isa = ds.isa_for("x86_64") if any(ds.op(op).host for op in ops) else None
     env = ds.build_env_for(ops, q.sm)
     if not cuda_ops:
         del env["TORCH_CUDA_ARCH_LIST"]

@@ -98,6 +98,14 @@ class DeepSpeedKnowledge:
     def release(self, version: str) -> DsRelease | None:
         return next((r for r in self.releases if r.version == version), None)
 
+    def isa_for(self, machine: str) -> HostIsa:
+        """The portable host ISA C++ ops are built with on `machine` (uname -m)."""
+        try:
+            return self.host_isa[machine]
+        except KeyError:
+            known = ", ".join(self.host_isa)
+            raise KnowledgeError(f"deepspeed.yaml host_isa has no {machine!r} (known: {known})") from None
+
     def choose(self, torch_version: str, python: str) -> DsRelease | None:
         """The newest release that declares this torch and supports this Python."""
         fits = [r for r in self.releases if r.supports_torch(torch_version) and r.supports_python(python)]

@@ -184,6 +184,11 @@ def test_template_prebuilds_in_a_devel_stage_and_ships_only_the_wheel(
     assert kb.deepspeed.release("0.19.8").sdist_sha256 in build  # type: ignore[union-attr]
     assert 'export CUDA_HOME="${nvcc%/bin/nvcc}"' in build
     assert "-march=x86-64-v3" in build and "fused_adam_op" in build and "cpu_adam_op" in build
+    # --wheelhouse and --ca-bundle reach the builder too: its apt and pip steps trust the secret,
+    # and the sdist is taken from the wheelhouse when it holds it (air-gapped builds)
+    assert build.count("--mount=type=secret,id=ca_bundle") == 3
+    assert build.count("--mount=type=bind,source=wheelhouse,target=/wheelhouse") == 2
+    assert "sdist=/wheelhouse/deepspeed-0.19.8.tar.gz" in build
     image = stages["image"]
     assert image.startswith("FROM stack\n")
     assert "--mount=type=bind,from=ds-build,source=/dist,target=/dist" in image

@@ -653,6 +653,14 @@ class DockerEngine:
         flags = ["--gpus", "all"] if gpus else []
         if gpus:
             kwargs["device_requests"] = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
+            # As `doctor` tells users to run training (deepspeed.yaml container_run): NCCL's SHM
+            # transport and DataLoader workers outgrow Docker's 64 MB /dev/shm with several ranks.
+            kwargs["ipc_mode"] = "host"
+            kwargs["ulimits"] = [
+                docker.types.Ulimit(name="memlock", soft=-1, hard=-1),
+                docker.types.Ulimit(name="stack", soft=67108864, hard=67108864),
+            ]
+            flags += ["--ipc=host", "--ulimit", "memlock=-1", "--ulimit", "stack=67108864"]
         for key, value in (env or {}).items():
             flags += ["-e", f"{key}={value}"]
         if volumes:

@@ -50,11 +50,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("parts", nargs="*", default=["noop", "make"], choices=["noop", "make"])
+    parser.add_argument("parts", nargs="*", help="noop and/or make (default: both)")
     parser.add_argument("--wheelhouse", type=Path, default=Path("/opt/wheels"))
     parser.add_argument("--n", type=int, default=9)
     parser.add_argument("--keep", action="store_true", help="Keep the temporary project and its images.")
     args = parser.parse_args()
+    args.parts = args.parts or ["noop", "make"]
+    if set(args.parts) - {"noop", "make"}:
+        parser.error(f"unknown parts {sorted(set(args.parts) - {'noop', 'make'})}; choose noop, make")
     docker = os.environ.get("QWEN_FT_DOCKER", "docker")
     script = real_console_script()
     if script is None:

@@ -43,7 +43,7 @@ def cell_json(cell: Verdict) -> dict[str, Any]:
         p = cell.plan
         out["plan"] = {
             "base_image": p.base_image,
-            "builder_image": p.flash_attn.builder_image,
+            "builder_image": p.builder_image,
             "os": p.os,
             "python": p.python,
             "torch": {
@@ -68,6 +68,15 @@ def cell_json(cell: Verdict) -> dict[str, Any]:
             "min_driver": p.min_driver,
             "min_driver_reason": p.min_driver_reason,
             "stack": dict(p.stack),
+            "deepspeed": {
+                "version": p.deepspeed.version,
+                "ops": list(p.deepspeed.ops),
+                "arch_list": p.deepspeed.arch_list,
+                "build_env": dict(p.deepspeed.build_env),
+                "march": p.deepspeed.march,
+                "simd": p.deepspeed.simd,
+                "sdist_sha256": p.deepspeed.sdist_sha256,
+            },
             "tags": list(p.tags),
             "labels": dict(p.labels),
         }
@@ -99,6 +108,14 @@ def cell_row(cell: Verdict) -> list[str]:
         p.dtype,
         f"{p.attn_implementation}, triton {p.triton}, driver {p.min_driver or '-'}",
     ]
+
+
+def _deepspeed_text(ds: dict[str, Any]) -> str:
+    if not ds["ops"]:
+        return f"{ds['version']}, no prebuilt op (pure Python; nothing compiles at run time)"
+    where = f" for sm {ds['arch_list']}" if ds["arch_list"] else ""
+    host = f", host code -march={ds['march']} -D{ds['simd']}" if ds["march"] else ""
+    return f"{ds['version']}, ops {', '.join(ds['ops'])} prebuilt{where}{host}"
 
 
 HEADERS = ["image", "target", "cuda", "torch", "python", "flash-attn", "dtype", "details / reasons"]
@@ -139,6 +156,7 @@ def explain_text(d: dict[str, Any]) -> str:
         ("TORCH_CUDA_ARCH_LIST", p["torch_cuda_arch_list"] or "-"),
         ("min driver", f"{p['min_driver'] or 'none'} ({p['min_driver_reason']})"),
         ("stack", ", ".join(f"{k}=={v}" for k, v in p["stack"].items())),
+        ("deepspeed", _deepspeed_text(p["deepspeed"])),
         ("tags", ", ".join(p["tags"]) or "none (no build produces this image)"),
     ]
     lines += [f"  {k:<21} {v}" for k, v in rows if v]

@@ -152,6 +152,14 @@ SCHEMA: dict[str, Any] = {
                         "description": "auto removes Triton where the GPU is below its minimum SM.",
                     },
                     "axes": _AXES_SCHEMA,
+                    "deepspeed_ops": {
+                        "type": "array",
+                        "uniqueItems": True,
+                        "items": {"type": "string", "pattern": "^[a-z][a-z0-9_]{0,39}$"},
+                        "description": "DeepSpeed ops to prebuild for the target's SM (default: Qwen's "
+                        "recipe, fused_adam and cpu_adam; [] for none). An op the SM cannot run "
+                        "makes the cell invalid.",
+                    },
                     "recommended": {
                         **_CELL_SCHEMA,
                         "description": "Pin the recommended cell instead of letting the policy pick.",
@@ -237,6 +245,8 @@ class TargetConfig:
     axes: Axes
     recommended: CellSpec | None
     runner_labels: tuple[str, ...]
+    # DeepSpeed ops to prebuild; None = what the knowledge base plans for the target's kind.
+    deepspeed_ops: tuple[str, ...] | None = None
 
     @property
     def is_cpu(self) -> bool:
@@ -540,6 +550,7 @@ def _freeze(data: Mapping[str, Any], path: Path) -> MatrixConfig:
             runner_labels=tuple(
                 raw.get("runner_labels", ("self-hosted", "gpu", f"sm_{sm}") if sm else ("ubuntu-latest",))
             ),
+            deepspeed_ops=tuple(raw["deepspeed_ops"]) if "deepspeed_ops" in raw else None,
         )
     _check_size(path, targets, len(data.get("include", [])))
     include = []

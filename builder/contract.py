@@ -12,10 +12,12 @@ from collections.abc import Mapping
 from qwen_ft_runtime.interface import ENTRY_POINT, ENV_VARS, MODULE
 
 __all__ = [
+    "DATA_MOUNT",
     "ENTRY_POINT",
     "ENV_VARS",
     "MODEL_MOUNT",
     "MODULE",
+    "OUTPUT_MOUNT",
     "label",
     "plan_env",
     "qualify",
@@ -44,6 +46,8 @@ PYTHON = label("python")
 FLASH_ATTN = label("flash-attn")
 TRITON = label("triton")
 MIN_DRIVER = label("min-driver")
+DEEPSPEED = label("deepspeed")
+DS_OPS = label("deepspeed-ops")
 SPEC = label("spec")
 CONTENT_HASH = label("content-hash")
 # Labels on the throwaway containers the host starts, so a crashed run's leftovers can be found.
@@ -53,8 +57,11 @@ AUDIT_RUN = label("audit-run")
 COMPARE_RUN = label("compare-run")
 COMPARE_PROJECT = label("compare-project")
 
-# Where the host mounts a user's checkpoint (read-only) for smoke and compare.
+# Where the host mounts a user's checkpoint (read-only) for smoke, compare and train, and
+# where `doctor`'s training line mounts the data (read-only) and the output.
 MODEL_MOUNT = "/model"
+DATA_MOUNT = "/data"
+OUTPUT_MOUNT = "/output"
 
 
 def plan_env(values: Mapping[str, str]) -> dict[str, str]:

@@ -150,6 +150,16 @@ class GpuAdvice:
     run_command: str | None
     usable: bool
     notes: tuple[str, ...] = ()
+    tag: str | None = None  # the image this GPU should run (the fallback when the driver needs one)
+
+
+@dataclass(frozen=True)
+class TrainCommand:
+    """One `docker run` that trains across the GPUs that run the same image."""
+
+    gpus: tuple[int, ...]
+    tag: str
+    command: str
 
 
 @dataclass(frozen=True)
@@ -161,6 +171,7 @@ class Report:
     diagnoses: tuple[Diagnosis, ...] = ()
     notes: tuple[str, ...] = field(default=())
     build: str | None = None  # the build path (builder.engine.describe_build_path); None: no docker
+    train: tuple[TrainCommand, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -405,6 +416,50 @@ def advise_gpu(
         run_command=run_command(use.tag, gpu.index, platform_name),
         usable=usable,
         notes=tuple(notes),
+        tag=use.tag if usable else None,
+    )
+
+
+def train_command(kb: Knowledge, tag: str, gpus: Sequence[int] | None) -> str:
+    """The complete `docker run` for a LoRA fine-tune on `gpus` (None: every GPU of the host).
+
+    Every rank is a process in one container (torchrun, `--nproc all`), so the container needs
+    the IPC and ulimit flags of builder/knowledge/deepspeed.yaml container_run; the model and
+    data are mounted read-only and the output as the calling user (any UID runs the images).
+    """
+    devices = "all" if gpus is None else "'\"device=" + ",".join(str(g) for g in gpus) + "\"'"
+    flags = " ".join(f.flag for f in kb.deepspeed.run_flags)
+    return (
+        f'docker run --gpus {devices} {flags} --user "$(id -u):0" --rm -it '
+        f'-v "$MODEL_DIR":{contract.MODEL_MOUNT}:ro -v "$DATA_DIR":{contract.DATA_MOUNT}:ro '
+        f'-v "$OUTPUT_DIR":{contract.OUTPUT_MOUNT} {tag} '
+        + " ".join(
+            contract.runtime_argv(
+                "train",
+                "--model",
+                contract.MODEL_MOUNT,
+                "--data",
+                f"{contract.DATA_MOUNT}/train.jsonl",
+                "--output",
+                contract.OUTPUT_MOUNT,
+                "--nproc",
+                "all",
+                "--deepspeed",
+                "zero2",
+            )
+        )
+    )
+
+
+def train_commands(kb: Knowledge, host_gpus: int, gpus: Sequence[GpuAdvice]) -> tuple[TrainCommand, ...]:
+    """One training line per image: GPUs of different targets cannot share one container's ranks."""
+    by_tag: dict[str, list[int]] = {}
+    for g in gpus:
+        if g.usable and g.tag is not None:
+            by_tag.setdefault(g.tag, []).append(g.gpu.index)
+    return tuple(
+        TrainCommand(tuple(ids), tag, train_command(kb, tag, None if len(ids) == host_gpus else ids))
+        for tag, ids in by_tag.items()
     )
 
 
@@ -437,6 +492,7 @@ def advise(
         cpu_run_command=run_command(cpu.tag, None, on) if cpu else None,
         diagnoses=tuple(diagnoses),
         notes=tuple(notes),
+        train=train_commands(kb, len(host.gpus), gpus),
     )
 
 
@@ -480,7 +536,7 @@ def diagnose(
     found: list[Diagnosis] = []
     for sig in signatures if signatures is not None else load_signatures():
         hit = _first_hit(sig, lines)
-        if hit is None:
+        if hit is None or not all(any(p.search(line) for line in lines) for p in sig.requires):
             continue
         number, line, match = hit
         groups = {k: v for k, v in match.groupdict().items() if v is not None}
@@ -502,7 +558,8 @@ def diagnose(
                 tuple(_group_notes(kb, config, cells, groups)),
             )
         )
-    return sorted(found, key=lambda d: d.line)
+    superseded = {i for d in found for i in d.signature.supersedes}
+    return sorted((d for d in found if d.signature.id not in superseded), key=lambda d: d.line)
 
 
 def _first_hit(sig: Signature, lines: Sequence[str]) -> tuple[int, str, re.Match[str]] | None:
@@ -597,6 +654,7 @@ def report_json(report: Report) -> dict[str, Any]:
             }
             for g in report.gpus
         ],
+        "train": [{"gpus": list(t.gpus), "tag": t.tag, "command": t.command} for t in report.train],
         "cpu": (
             {"image": report.cpu.image, "tag": report.cpu.tag, "run_command": report.cpu_run_command}
             if report.cpu
@@ -652,6 +710,15 @@ def render_text(report: Report, *, log_name: str | None = None) -> str:
             out.append(f"  note: {note}")
         if g.run_command:
             out.append(f"  run      {g.run_command}")
+    for t in report.train:
+        out.append("")
+        which = f"GPUs {','.join(str(g) for g in t.gpus)}" if len(t.gpus) > 1 else f"GPU {t.gpus[0]}"
+        out.append(f"train    LoRA across {which} ({len(t.gpus)} ranks, DeepSpeed ZeRO-2) with {t.tag}:")
+        out.append(f"  run      {t.command}")
+        out.append(
+            "  mounts   MODEL_DIR (checkpoint, read-only), DATA_DIR (train.jsonl, read-only), "
+            "OUTPUT_DIR (adapter)"
+        )
     out.append("")
     if report.cpu is not None:
         lead = "CPU      " if report.gpus else "CPU      no GPU here; this machine can run "

@@ -19,6 +19,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -499,7 +500,7 @@ class DockerEngine:
             # A new session keeps a terminal's Ctrl-C away from the child: we stop it
             # ourselves, so BuildKit cancels cleanly and no half-built image gets tagged.
             proc = subprocess.Popen(
-                argv,
+                [sys.executable, "-c", _SUPERVISOR, *argv],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
@@ -731,6 +732,14 @@ class DockerEngine:
         flags = ["--gpus", "all"] if gpus else []
         if gpus:
             kwargs["device_requests"] = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
+            # As `doctor` tells users to run training (deepspeed.yaml container_run): NCCL's SHM
+            # transport and DataLoader workers outgrow Docker's 64 MB /dev/shm with several ranks.
+            kwargs["ipc_mode"] = "host"
+            kwargs["ulimits"] = [
+                docker.types.Ulimit(name="memlock", soft=-1, hard=-1),
+                docker.types.Ulimit(name="stack", soft=67108864, hard=67108864),
+            ]
+            flags += ["--ipc=host", "--ulimit", "memlock=-1", "--ulimit", "stack=67108864"]
         for key, value in (env or {}).items():
             flags += ["-e", f"{key}={value}"]
         if volumes:
@@ -811,9 +820,28 @@ def split_ref(ref: str) -> tuple[str, str]:
     return name, tag
 
 
+# The build runs under this small supervisor, alone in its process group. The kernel sends it
+# SIGTERM when the CLI dies, even by `kill -9` (_die_with_parent); it then interrupts the whole
+# group, the docker client and its buildx plugin process alike, as Ctrl-C would, so BuildKit
+# cancels the build and no orphan finishes an image. The group's own SIGINT (_terminate) is
+# for docker: the supervisor waits for it to exit and passes its exit code on.
+_SUPERVISOR = """
+import os, signal, subprocess, sys
+child = subprocess.Popen(sys.argv[1:])
+def parent_gone(signum, frame):
+    os.killpg(0, signal.SIGINT)
+    signal.signal(signal.SIGALRM, lambda s, f: os.killpg(0, signal.SIGKILL))
+    signal.alarm(20)
+signal.signal(signal.SIGINT, lambda s, f: None)
+signal.signal(signal.SIGTERM, parent_gone)
+code = child.wait()
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
 def _die_with_parent() -> None:
     """In the child, before exec: SIGTERM it when its parent dies, even by `kill -9`, so no
-    `docker build` outlives the CLI (the client's exit cancels the BuildKit build)."""
+    `docker build` outlives the CLI (see _SUPERVISOR)."""
     import ctypes
 
     with contextlib.suppress(OSError, AttributeError):

@@ -87,8 +87,8 @@ def build_args(
         "BASE_IMAGE": map_base(plan.base_image, rules, platform),
         "TORCH_INDEX_URL": plan.torch.index_url or "",
     }
-    if plan.flash_attn.builder_image:
-        args["BUILDER_IMAGE"] = map_base(plan.flash_attn.builder_image, rules, platform)
+    if plan.builder_image:
+        args["BUILDER_IMAGE"] = map_base(plan.builder_image, rules, platform)
     for name in ("BASE_IMAGE", "BUILDER_IMAGE"):
         if name in args:  # a rule's '*' can still splice into something that is no reference
             names.check_reference(args[name], f"{cell.id}: {name} after --base-map/base_map")

@@ -14,7 +14,6 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
-from builder import names
 from builder.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -222,6 +221,8 @@ def parse_base_map(items: Iterable[str]) -> tuple[tuple[str, str], ...]:
                 "e.g. 'nvidia/cuda:*=mirror.local/nvidia/cuda:*'"
             )
         rule = (pattern.strip(), target.strip())
+        from builder import names  # its reference grammar compiles at import: not on the no-op path
+
         names.check_base_rule(*rule, f"--base-map {names.shown(item)}")
         rules.append(rule)
     return tuple(rules)

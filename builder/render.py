@@ -31,10 +31,12 @@ def environment(templates: Path) -> jinja2.Environment:
     return env
 
 
-def apt_packages(cell: Cell) -> list[str]:
+def apt_packages(cell: Cell, kb: Knowledge) -> list[str]:
     packages = ["ca-certificates", "python3", "python3-venv"]
     if cell.plan.triton == "keep":
         packages += ["gcc", "libc6-dev", "python3-dev"]
+    if cell.sm is not None:  # multi-node NCCL over InfiniBand/RoCE (deepspeed.yaml nccl_ib)
+        packages += kb.deepspeed.ib_packages
     return sorted(packages)
 
 
@@ -54,7 +56,7 @@ def dockerfile(env: jinja2.Environment, kb: Knowledge, cell: Cell, image: str) -
         cell=cell,
         plan=cell.plan,
         image=image,
-        apt_packages=apt_packages(cell),
+        apt_packages=apt_packages(cell, kb),
         fa_gb_per_job=kb.fa_build_gb_per_job,
         einops=kb.fa_einops,
     )

@@ -55,6 +55,26 @@ class FlashAttnPlan:
 
 
 @dataclass(frozen=True)
+class DeepSpeedPlan:
+    """DeepSpeed in the image: its release and the ops prebuilt for the target's SM only."""
+
+    version: str
+    ops: tuple[str, ...]  # DeepSpeed op names, prebuilt (empty: pure Python, nothing to compile)
+    arch_list: str | None  # TORCH_CUDA_ARCH_LIST for the CUDA ops ("7.0"); None when none are built
+    build_env: Mapping[str, str]  # DS_ACCELERATOR, DS_BUILD_*, TORCH_CUDA_ARCH_LIST for `pip wheel`
+    sdist_sha256: str
+    march: str | None  # the portable -march the host (C++) ops are built with, when any are
+    simd: str | None  # the SIMD define that goes with it (__AVX256__)
+    builder_image: str | None  # the devel image that compiles the ops; None when there are none
+    source: str
+    libraries: tuple[str, ...] = ()  # each op's compiled module as a path in the wheel
+
+    @property
+    def ops_env(self) -> str:
+        return ",".join(self.ops) or "none"
+
+
+@dataclass(frozen=True)
 class Plan:
     base_image: str
     os: str
@@ -73,9 +93,15 @@ class Plan:
     env: Mapping[str, str]  # the image's ENV: the runtime's plan names (builder.contract), then extras
     tags: tuple[str, ...]
     labels: Mapping[str, str]
+    deepspeed: DeepSpeedPlan
     # "triton==X" when torch requires a triton range (`~=`) and the image keeps Triton: pip
     # would otherwise pick whatever matches on build day, not what was planned.
     triton_pin: str | None = None
+
+    @property
+    def builder_image(self) -> str | None:
+        """The devel image every compile stage (flash-attn, DeepSpeed's ops) starts from."""
+        return self.flash_attn.builder_image or self.deepspeed.builder_image
 
 
 @dataclass(frozen=True)
@@ -459,6 +485,77 @@ def rule_stack(kb: Knowledge, q: Query) -> list[Reason]:
     ]
 
 
+def _ds_ops(kb: Knowledge, target: TargetConfig) -> tuple[str, ...]:
+    """The ops the target asks for (matrix.yaml deepspeed_ops), else what its kind plans."""
+    if target.deepspeed_ops is not None:
+        return target.deepspeed_ops
+    return kb.deepspeed.cpu_ops if target.is_cpu else kb.deepspeed.gpu_ops
+
+
+def rule_deepspeed_release(kb: Knowledge, q: Query) -> list[Reason]:
+    if q.spec.python not in kb.torch[q.spec.torch].python:
+        return []  # rule_torch_python refuses the cell already: no torch to pair DeepSpeed with
+    if kb.deepspeed.choose(q.spec.torch, q.spec.python) is not None:
+        return []
+    return [
+        Reason(
+            "deepspeed-release",
+            f"no DeepSpeed release in builder/knowledge/deepspeed.yaml declares torch {q.spec.torch} "
+            f"and Python {q.spec.python}; add one with its sources, or pick another torch/Python",
+            "builder/knowledge/deepspeed.yaml releases",
+        )
+    ]
+
+
+def rule_deepspeed_ops(kb: Knowledge, q: Query) -> list[Reason]:
+    """Each op the target asks for must be known, checkable by `contract`, and run on its SM."""
+    ds = kb.deepspeed
+    found: list[Reason] = []
+    for op in _ds_ops(kb, q.target):
+        if op not in ds.ops:
+            found.append(
+                Reason(
+                    "deepspeed-op-unknown",
+                    f"targets.{q.target.name}.deepspeed_ops: unknown DeepSpeed op {op!r} "
+                    f"(known: {', '.join(ds.ops)})",
+                    "builder/knowledge/deepspeed.yaml ops",
+                )
+            )
+            continue
+        described = ds.op(op)
+        if q.target.is_cpu:
+            found.append(
+                Reason(
+                    "deepspeed-op-cpu",
+                    f"the cpu image prebuilds no DeepSpeed op ({op}): it has no compiler and its ranks "
+                    "use torch's AdamW over gloo; set deepspeed_ops: [] for the cpu target",
+                    ds.image_plan_source,
+                )
+            )
+            continue
+        assert q.sm is not None
+        problem = ds.sm_problem(op, q.sm)
+        if problem is not None:
+            found.append(
+                Reason(
+                    "deepspeed-op-sm",
+                    f"{q.target.name} (sm_{q.sm}) cannot run DeepSpeed op {op}: it needs "
+                    f"sm_{described.min_sm}+; drop it from targets.{q.target.name}.deepspeed_ops",
+                    described.source,
+                )
+            )
+        elif described.module is None:
+            found.append(
+                Reason(
+                    "deepspeed-op-unchecked",
+                    f"DeepSpeed op {op} has no library module recorded, so `contract` could not "
+                    "check it was prebuilt; record its module in deepspeed.yaml first",
+                    described.source,
+                )
+            )
+    return found
+
+
 def note_arch_conflict(kb: Knowledge, q: Query) -> list[Reason]:
     if q.sm is None:
         return []
@@ -623,6 +720,8 @@ STAGES: tuple[tuple[Rule, ...], ...] = (
         rule_platform_sm,
         rule_platform_triton,
         rule_platform_base,
+        rule_deepspeed_release,
+        rule_deepspeed_ops,
     ),
 )
 GATES = frozenset({"torch-unknown", "gpu-no-cuda", "cuda-unknown"})
@@ -951,6 +1050,7 @@ def _plan(kb: Knowledge, q: Query) -> tuple[Plan | None, Reason | None]:
         cxx11_abi=release.abi(q.variant),
     )
     attn = "flash_attention_2" if fa_plan.strategy != "none" else "sdpa"
+    ds_plan = _deepspeed_plan(kb, q, distro)
     env = contract.plan_env(
         {
             "target": spec.target,
@@ -962,6 +1062,8 @@ def _plan(kb: Knowledge, q: Query) -> tuple[Plan | None, Reason | None]:
             "cuda": torch_plan.cuda or "none",
             "flash_attn": fa_plan.version or "none",
             "triton": triton,
+            "deepspeed": ds_plan.version,
+            "ds_ops": ds_plan.ops_env,
         }
     )
     if arch_list_str:
@@ -985,9 +1087,42 @@ def _plan(kb: Knowledge, q: Query) -> tuple[Plan | None, Reason | None]:
         env=env,
         tags=(),
         labels={},
+        deepspeed=ds_plan,
         triton_pin=triton_pin,
     )
     return plan, None
+
+
+def _deepspeed_plan(kb: Knowledge, q: Query, distro: Distro) -> DeepSpeedPlan:
+    """The release and the ops a cell that passed the DeepSpeed rules prebuilds, for its SM only."""
+    ds = kb.deepspeed
+    release = ds.choose(q.spec.torch, q.spec.python)
+    assert release is not None  # rule_deepspeed_release passed
+    ops = _ds_ops(kb, q.target)
+    if not ops:
+        return DeepSpeedPlan(
+            release.version, (), None, {}, release.sdist_sha256, None, None, None, release.source
+        )
+    assert q.sm is not None  # rule_deepspeed_ops refuses ops on the cpu target
+    cuda_ops = [op for op in ops if not ds.op(op).host]
+    # Host ops (cpu_adam) are compiled for the platform's portable ISA, not the build machine's.
+    machine = platform_facts.load().platform(q.platform).machine
+    isa = ds.isa_for(machine) if any(ds.op(op).host for op in ops) else None
+    env = ds.build_env_for(ops, q.sm)
+    if not cuda_ops:
+        del env["TORCH_CUDA_ARCH_LIST"]
+    return DeepSpeedPlan(
+        version=release.version,
+        ops=ops,
+        arch_list=env.get("TORCH_CUDA_ARCH_LIST"),
+        build_env=env,
+        sdist_sha256=release.sdist_sha256,
+        march=isa.march if isa else None,
+        simd=isa.simd if isa else None,
+        builder_image=_cuda_image(kb, q.spec.cuda, "devel", distro),
+        source=release.source,
+        libraries=tuple(str(ds.op(op).module).replace(".", "/") for op in ops),
+    )
 
 
 def _min_driver(kb: Knowledge, cuda_version: str, sm: int, coverage: str | None) -> tuple[str, str]:
@@ -1041,6 +1176,12 @@ def labels(cell: Cell, plan: Plan) -> dict[str, str]:
         "min_driver": plan.min_driver,
         "base_image": plan.base_image,
         "stack": dict(plan.stack),
+        "deepspeed": {
+            "version": plan.deepspeed.version,
+            "ops": list(plan.deepspeed.ops),
+            "arch_list": plan.deepspeed.arch_list,
+            "march": plan.deepspeed.march,
+        },
     }
     return {
         "org.opencontainers.image.title": f"qwen-ft {cell.id}",
@@ -1060,6 +1201,8 @@ def labels(cell: Cell, plan: Plan) -> dict[str, str]:
         contract.FLASH_ATTN: plan.flash_attn.version or "none",
         contract.TRITON: plan.triton,
         contract.MIN_DRIVER: plan.min_driver or "none",
+        contract.DEEPSPEED: plan.deepspeed.version,
+        contract.DS_OPS: plan.deepspeed.ops_env,
         contract.SPEC: json.dumps(spec, sort_keys=True, separators=(",", ":")),
     }
 

@@ -62,6 +62,8 @@ class Options:
     env: Mapping[str, str] = field(default_factory=dict)
     cpu_only: bool = False
     rerun: bool = False  # ignore cached verdicts (a fresh pass is still stored)
+    nproc: str | None = None  # `--nproc N|all`: ranks under torchrun in the container
+    deepspeed: str | None = None  # `--deepspeed zero2|zero3|zero2-offload|zero3-offload`
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,27 @@ def smoke_argv(plan: ImagePlan, options: Options) -> list[str]:
         argv += ["--steps", str(options.steps)]
     if options.model is not None:
         argv += ["--model", contract.MODEL_MOUNT]
+    if options.nproc is not None:
+        argv += ["--nproc", options.nproc]
+    if options.deepspeed is not None:
+        argv += ["--deepspeed", options.deepspeed]
     return argv
+
+
+# The configs every image ships (qwen_ft_runtime/ds_configs); a JSON path would name a file
+# inside the container, so the host passes only these names.
+DEEPSPEED_CONFIGS = ("zero2", "zero3", "zero2-offload", "zero3-offload")
+
+
+def check_parallel(nproc: str | None, deepspeed: str | None) -> None:
+    """`--nproc` is a positive count or `all`; `--deepspeed` one of the shipped configs."""
+    if nproc is not None and nproc != "all" and not (nproc.isdigit() and int(nproc) > 0):
+        raise ConfigError(f"--nproc {nproc!r}: expected a positive number of processes or 'all'")
+    if deepspeed is not None and deepspeed not in DEEPSPEED_CONFIGS:
+        raise ConfigError(
+            f"--deepspeed {deepspeed!r}: expected one of {', '.join(DEEPSPEED_CONFIGS)} "
+            "(for your own JSON, run `qwen-ft-runtime smoke --deepspeed PATH.json` in the image)"
+        )
 
 
 def parse_env(items: Sequence[str]) -> dict[str, str]:
@@ -320,6 +342,13 @@ def image_row(result: SmokeResult) -> dict[str, Any]:
             for c in s.checks
         ],
         "runs": runs,
+        "world_size": payload.get("world_size"),
+        "backend": payload.get("backend"),
+        "launcher": payload.get("launcher"),
+        "deepspeed": payload.get("deepspeed"),
+        # Per rank: rank, device, step_time_s (median), first_step_s, total_step_s, tokens_per_s,
+        # peak_mem_bytes; with several models, the last model's (the runtime keeps them per run).
+        "ranks": _ranks(payload),
         "import_to_first_step_s": payload.get("import_to_first_step_s"),
         "steps": {
             s.step: {
@@ -334,6 +363,39 @@ def image_row(result: SmokeResult) -> dict[str, Any]:
             for s in result.steps
         },
     }
+
+
+def _ranks(payload: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Each rank's timings per model: [{model, rank, device, step_time_s, ...}]."""
+    out = []
+    for run in payload.get("runs") or []:
+        for rank in run.get("ranks") or []:
+            out.append({"model": run.get("model"), **rank})
+    return out
+
+
+def fmt_ranks(row: Mapping[str, Any]) -> str:
+    """`2 x gloo (torchrun, zero2): r0 0.41s r1 0.43s` — world size, backend, per-rank step time."""
+    world = row.get("world_size")
+    if not world:
+        return "-"
+    how = ", ".join(str(x) for x in (row.get("launcher"), _ds_name(row.get("deepspeed"))) if x)
+    head = f"{world} x {row.get('backend') or 'single'}" + (f" ({how})" if how else "")
+    models = sorted({r["model"] for r in row.get("ranks") or []}, key=str)
+    parts = []
+    for model in models:
+        times = " ".join(
+            f"r{r['rank']} {_num(r.get('step_time_s'), '.2f')}s" for r in row["ranks"] if r["model"] == model
+        )
+        parts.append(f"{model}: {times}" if len(models) > 1 else times)
+    return head + (": " + "; ".join(parts) if parts else "")
+
+
+def _ds_name(value: Any) -> str | None:
+    if isinstance(value, Mapping):
+        stage = value.get("stage")
+        return f"zero{stage}" if stage is not None else "deepspeed"
+    return str(value) if value else None
 
 
 def report_json(results: Sequence[SmokeResult], meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -381,15 +443,16 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"Docker {report.get('engine')}; host GPUs: "
         + (", ".join(f"{g['name']} (sm_{g['sm']})" for g in gpus) or "none"),
         "",
-        "| image | result | device | dtype | attention | tokens/s | loss first→last | wall "
+        "| image | result | device | ranks | dtype | attention | tokens/s | loss first→last | wall "
         "| failed check | note |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["images"]:
         cells = [
             f"`{row['ref']}`",
             "pass" if row["ok"] else "**FAIL**",
             fmt_device(row),
+            fmt_ranks(row),
             row["dtype"] or "-",
             row["attention"] or "-",
             _per_model(row, fmt_tokens),
@@ -437,6 +500,8 @@ def verdict_key(
             "model_stamp": _model_stamp(options.model),
             "env": dict(options.env),
             "audit": audit and plan.sm is not None,
+            "nproc": options.nproc,
+            "deepspeed": options.deepspeed,
         },
         "host": list(host),
     }

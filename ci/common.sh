@@ -34,6 +34,17 @@ QWEN_FT_BASE_IMAGE_ARM64="${QWEN_FT_BASE_IMAGE_ARM64:-qwen-ft-local/debian:bookw
 # configured on the host is what the image gets too); DEBIAN_MIRROR overrides them.
 DEBIAN_MIRROR="${DEBIAN_MIRROR:-}"
 DEBIAN_SUITE="${DEBIAN_SUITE:-bookworm}"
+DEBIAN_COMPONENTS="${DEBIAN_COMPONENTS:-main}"
+# The DeepSpeed builder in CI (ci/make-devel-image.sh): Debian trixie, whose non-free
+# nvidia-cuda-toolkit is nvcc 12.4 (sm_50-sm_90, so sm_70 too), and its base image.
+QWEN_FT_TRIXIE_IMAGE="${QWEN_FT_TRIXIE_IMAGE:-qwen-ft-local/debian:trixie}"
+QWEN_FT_DEVEL_IMAGE="${QWEN_FT_DEVEL_IMAGE:-qwen-ft-local/debian:trixie-devel}"
+
+# host_repos: "URI SUITE" for each repository the host's apt is configured with.
+host_repos() {
+    # shellcheck disable=SC2016  # apt's own $(...) placeholders
+    apt-get indextargets --format '$(REPO_URI) $(RELEASE)' 2>/dev/null | sort -u
+}
 
 log() { printf '[%s %s] %s\n' "$(date -u +%H:%M:%S)" "${0##*/}" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }

@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# Build a local Debian bookworm base image without pulling from any registry:
-#   debootstrap --variant=minbase bookworm ROOT $DEBIAN_MIRROR
+# Build a local Debian base image (bookworm unless DEBIAN_SUITE says otherwise) without
+# pulling from any registry:
+#   debootstrap --variant=minbase $DEBIAN_SUITE ROOT $DEBIAN_MIRROR
 #   tar -C ROOT -c . | docker import - NAME
 # then tidy it up like the official debian:bookworm image (deb822 sources for
-# bookworm, bookworm-updates and bookworm-security; the docker-* apt.conf.d
-# snippets; a policy-rc.d; no apt lists, no resolv.conf).
+# the suite, its -updates and -security; the docker-* apt.conf.d snippets; a
+# policy-rc.d; no apt lists, no resolv.conf).
+#
+# Another suite than the host's (DEBIAN_SUITE=trixie, for the DeepSpeed builder in
+# CI) takes the host's own repositories with the suite swapped, so whatever mirror
+# the host uses keeps working; DEBIAN_COMPONENTS picks the components (e.g.
+# "main contrib non-free" for nvidia-cuda-toolkit).
 #
 # Usage: ci/make-base-image.sh [--force] [--arch ARCH] [NAME]   (NAME defaults to
 #        $QWEN_FT_BASE_IMAGE, i.e. qwen-ft-local/debian:bookworm, or for --arch arm64
@@ -68,14 +74,19 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# The host's configured repository for the suite, else debootstrap's own default.
+HOST_SUITE=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+# The host's configured repository for the suite (or for its own suite, when the image
+# is of another one), else debootstrap's own default.
 mirror=$DEBIAN_MIRROR
 if [[ -z $mirror ]]; then
-    mirror=$(apt-get indextargets --format '$(REPO_URI) $(RELEASE)' 2>/dev/null |
-        awk -v s="$DEBIAN_SUITE" '$2 == s {print $1; exit}')
+    mirror=$(host_repos | awk -v s="$DEBIAN_SUITE" '$2 == s {print $1; exit}')
+fi
+if [[ -z $mirror && -n $HOST_SUITE ]]; then
+    mirror=$(host_repos | awk -v s="$HOST_SUITE" '$2 == s {print $1; exit}')
 fi
 log "debootstrap --variant=minbase --arch=$ARCH $DEBIAN_SUITE $ROOT ${mirror:-(the debootstrap default mirror)}"
-if ! debootstrap --variant=minbase --arch="$ARCH" "$DEBIAN_SUITE" "$ROOT" ${mirror:+"$mirror"} \
+if ! debootstrap --variant=minbase --arch="$ARCH" --components="${DEBIAN_COMPONENTS// /,}" \
+    "$DEBIAN_SUITE" "$ROOT" ${mirror:+"$mirror"} \
     >"$ROOT.log" 2>&1; then
     tail -n 30 "$ROOT.log" >&2
     [[ -f $ROOT/debootstrap/debootstrap.log ]] && tail -n 30 "$ROOT/debootstrap/debootstrap.log" >&2
@@ -91,9 +102,19 @@ if [[ -n $DEBIAN_MIRROR ]]; then
 Types: deb
 URIs: $DEBIAN_MIRROR
 Suites: $DEBIAN_SUITE $DEBIAN_SUITE-updates
-Components: main
+Components: $DEBIAN_COMPONENTS
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 EOF
+elif [[ $DEBIAN_SUITE != "$HOST_SUITE" || $DEBIAN_COMPONENTS != main ]]; then
+    # One deb822 stanza per host repository of the host's suite family (X, X-updates,
+    # X-security), with the suite swapped and the components asked for.
+    host_repos | awk -v from="$HOST_SUITE" -v to="$DEBIAN_SUITE" -v comps="$DEBIAN_COMPONENTS" '
+        index($2, from) == 1 && ($2 == from || substr($2, length(from) + 1, 1) == "-") {
+            printf "Types: deb\nURIs: %s\nSuites: %s%s\nComponents: %s\n", $1, to, substr($2, length(from) + 1), comps
+            print "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+        }' >"$ROOT/etc/apt/sources.list.d/debian.sources"
+    [[ -s $ROOT/etc/apt/sources.list.d/debian.sources ]] ||
+        die "no '$HOST_SUITE' repository in the host's apt sources to derive $DEBIAN_SUITE from"
 else
     [[ -f /etc/apt/sources.list ]] && cp /etc/apt/sources.list "$ROOT/etc/apt/sources.list"
     for f in /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do

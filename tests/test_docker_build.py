@@ -159,8 +159,8 @@ def test_one_failing_image_leaves_the_others_built(
     tpl = project / "templates" / "Dockerfile.j2"
     tpl.write_text(
         tpl.read_text().replace(
-            "# ---- the image\nFROM ${BASE_IMAGE}\n",
-            '# ---- the image\nFROM ${BASE_IMAGE}\n{% if cell.spec.target == "cpu2" %}RUN echo "deliberately broken" && exit 3\n{% endif %}',
+            "FROM ${BASE_IMAGE} AS stack\n",
+            'FROM ${BASE_IMAGE} AS stack\n{% if cell.spec.target == "cpu2" %}RUN echo "deliberately broken" && exit 3\n{% endif %}',
         )
     )
     assert cli(project, "render").returncode == 0
@@ -360,8 +360,8 @@ def _interrupt_mid_build(tmp_path: Path, built_cpu: Built, build_client: Client,
     tpl = project / "templates" / "Dockerfile.j2"
     tpl.write_text(
         tpl.read_text().replace(
-            "# ---- the image\nFROM ${BASE_IMAGE}\n",
-            f"# ---- the image\nFROM ${{BASE_IMAGE}}\nRUN echo started-{RUN_ID} && sleep 120\n",
+            "FROM ${BASE_IMAGE} AS stack\n",
+            f"FROM ${{BASE_IMAGE}} AS stack\nRUN echo started-{RUN_ID} && sleep 120\n",
         )
     )
     assert cli(project, "render").returncode == 0

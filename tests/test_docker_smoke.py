@@ -52,6 +52,7 @@ def test_smoke_passes_on_the_cpu_image(built_cpu: Built) -> None:
     assert isinstance(checks, list)
     contract = {c["name"]: c["ok"] for c in checks if c["step"] == "contract"}
     assert {"torch_version", "torch_cuda", "triton", "flash_attn", "transformers", "peft"} <= set(contract)
+    assert contract["deepspeed_version"], "the cpu image carries DeepSpeed (no ops) as planned"
     assert all(contract.values())
     runs = row["runs"]
     assert isinstance(runs, list)
@@ -85,6 +86,52 @@ def test_plain_docker_run_prints_one_json_line(docker_engine: str, built_cpu: Bu
     assert payload["device"]["type"] == "cpu"
     assert [r["model"] for r in payload["runs"]] == ["qwen2-tiny"]
     assert payload["import_to_first_step_s"] > 0
+
+
+def _rank_payload(*extra: str) -> dict[str, object]:
+    proc = docker(
+        "run", "--rm", IMAGE, "qwen-ft-runtime", "smoke", "--nproc", "2", "--steps", "2",
+        "--tiny", "qwen2-tiny", *extra, timeout=600,
+    )  # fmt: skip
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert proc.returncode == 0 and len(lines) == 1, proc.stdout + proc.stderr[-3000:]
+    payload = json.loads(lines[0])
+    assert isinstance(payload, dict)
+    return payload
+
+
+def test_two_cpu_ranks_in_the_cpu_image(docker_engine: str, built_cpu: Built) -> None:
+    """`docker run --rm qwen-ft:cpu-fp32 qwen-ft-runtime smoke --nproc 2`: torchrun, gloo, DDP."""
+    payload = _rank_payload()
+    assert payload["ok"] is True and payload["world_size"] == 2
+    assert payload["backend"] == "gloo" and payload["launcher"] == "torchrun"
+    (run,) = payload["runs"]
+    assert [r["rank"] for r in run["ranks"]] == [0, 1]
+    assert all(r["step_time_s"] > 0 for r in run["ranks"])
+
+
+def test_zero2_on_two_cpu_ranks_in_the_cpu_image(docker_engine: str, built_cpu: Built) -> None:
+    """The cpu image carries DeepSpeed without ops: ZeRO-2 runs over gloo with torch's AdamW."""
+    payload = _rank_payload("--deepspeed", "zero2")
+    assert payload["ok"] is True and payload["world_size"] == 2 and payload["backend"] == "gloo"
+    (run,) = payload["runs"]
+    engine = run["deepspeed"]
+    assert engine["stage"] == 2 and engine["accelerator"] == "cpu", engine
+    assert run["losses"][-1] < run["losses"][0]
+
+
+def test_host_smoke_passes_nproc_through(built_cpu: Built) -> None:
+    project = built_cpu.project
+    proc = cli(project, "smoke", "cpu", "--nproc", "2", "--steps", "2", "--rerun", timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    row = only_image(project)
+    assert row["world_size"] == 2 and row["backend"] == "gloo" and row["launcher"] == "torchrun"
+    ranks = row["ranks"]
+    assert isinstance(ranks, list) and {r["rank"] for r in ranks} == {0, 1}
+    md = (project / "build" / "reports" / "smoke.md").read_text()
+    assert "| 2 x gloo (torchrun): qwen2-tiny: r0 " in md  # ranks column: world size, backend, per-rank times
+    bad = cli(project, "smoke", "cpu", "--nproc", "0", timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --nproc '0'")
 
 
 def test_a_broken_contract_fails_with_exit_8_naming_the_check(built_cpu: Built) -> None:

@@ -399,7 +399,7 @@ def test_bad_driver(text: str, problem: str) -> None:
 
 def test_json_shape_is_stable(kb: Knowledge, res: resolve.Resolution) -> None:
     data = doctor.report_json(report_for(kb, res, smi_host("t4.csv")))
-    assert set(data) == {"schema", "ok", "host", "gpus", "cpu", "diagnoses"}
+    assert set(data) == {"schema", "ok", "host", "gpus", "train", "cpu", "diagnoses"}
     assert set(data["host"]) == {
         "cpu_arch",
         "docker",
@@ -732,3 +732,45 @@ def test_big_log_is_read_from_its_tail(tmp_path: Path) -> None:
     )
     text = doctor.read_log(log, limit=1001)
     assert len(text) <= 501 and text.endswith("the end\n")
+
+
+# ----------------------------------------------------------------------------- the training line
+
+
+def test_training_line_uses_every_gpu_with_the_container_flags(
+    kb: Knowledge, res: resolve.Resolution
+) -> None:
+    report = report_for(kb, res, smi_host("v100.csv"))
+    (train,) = report.train
+    assert train.gpus == (0, 1, 2, 3) and train.tag == "qwen-ft:v100-fp16"
+    cmd = train.command
+    assert cmd.startswith("docker run --gpus all --ipc=host --ulimit memlock=-1 --ulimit stack=67108864 ")
+    assert '-v "$MODEL_DIR":/model:ro -v "$DATA_DIR":/data:ro -v "$OUTPUT_DIR":/output ' in cmd
+    assert cmd.endswith(
+        "qwen-ft:v100-fp16 qwen-ft-runtime train --model /model --data /data/train.jsonl "
+        "--output /output --nproc all --deepspeed zero2"
+    )
+    assert {f.flag for f in kb.deepspeed.run_flags} <= set(cmd.split(" ")) | {
+        "--ulimit memlock=-1",
+        "--ulimit stack=67108864",
+    }
+    assert all(f.source for f in kb.deepspeed.run_flags)
+    text = doctor.render_text(report)
+    assert "train    LoRA across GPUs 0,1,2,3 (4 ranks, DeepSpeed ZeRO-2) with qwen-ft:v100-fp16:" in text
+    assert doctor.report_json(report)["train"] == [
+        {"gpus": [0, 1, 2, 3], "tag": "qwen-ft:v100-fp16", "command": cmd}
+    ]
+
+
+def test_mixed_gpus_get_one_training_line_per_image(kb: Knowledge, res: resolve.Resolution) -> None:
+    report = report_for(kb, res, smi_host("mixed.csv"))
+    assert [(t.gpus, t.tag) for t in report.train] == [
+        ((0,), "qwen-ft:v100-fp16"),
+        ((1,), "qwen-ft:a100-bf16"),
+    ]
+    assert report.train[0].command.startswith("docker run --gpus '\"device=0\"' --ipc=host ")
+
+
+def test_no_gpu_no_training_line(kb: Knowledge, res: resolve.Resolution) -> None:
+    report = report_for(kb, res, lambda argv: None)
+    assert report.train == () and "train    " not in doctor.render_text(report)

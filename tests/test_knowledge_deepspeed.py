@@ -58,3 +58,12 @@ def test_an_unsourced_fact_is_refused() -> None:
     data["ops"][0]["source"] = ""
     with pytest.raises(KnowledgeError, match="has no source"):
         _build(data)
+
+
+def test_host_isa_is_portable_per_machine() -> None:
+    ds = load_deepspeed()
+    assert (ds.isa_for("x86_64").march, ds.isa_for("x86_64").simd) == ("x86-64-v3", "__AVX256__")
+    assert (ds.isa_for("aarch64").march, ds.isa_for("aarch64").simd) == ("armv8-a", "__NEON__")
+    assert all(isa.source and "native" in isa.source for isa in ds.host_isa.values())
+    with pytest.raises(KnowledgeError, match="no 'riscv64'"):
+        ds.isa_for("riscv64")

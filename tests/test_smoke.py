@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ import pytest
 
 from builder import cli, hostprobe, resolve, smoke
 from builder.engine import ContainerRun
+from builder.errors import ConfigError
 from builder.hostprobe import GpuInfo, GpuProbe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -280,7 +282,7 @@ def test_report_row_and_markdown(res: resolve.Resolution, tmp_path: Path) -> Non
     assert set(row["steps"]) == {"contract", "smoke"}
     md = smoke.render_markdown(report)
     table_row = next(line for line in md.splitlines() if line.startswith("| `qwen-ft:cpu-fp32`"))
-    assert "| pass | cpu (x86_64) | fp32 | sdpa |" in table_row
+    assert "| pass | cpu (x86_64) | - | fp32 | sdpa |" in table_row
     assert "qwen2-tiny 2436; qwen3-tiny 425" in table_row
     assert "qwen2-tiny 6.200→5.800" in table_row
     assert "cpu step only: no GPU on this host" in table_row
@@ -422,3 +424,68 @@ def test_gpu_images_get_the_kernel_audit_step() -> None:
     assert not step.ok and step.failures == ["audit:kernels", "audit:torch/lib/libtorch_cuda.so"]
     good = SimpleNamespace(ok=True, failures=[], binaries=[bad], sm=70, seconds=1.0)
     assert smoke_mod.audit_step(good).ok  # type: ignore[arg-type]
+
+
+def test_nproc_and_deepspeed_pass_through_and_the_report_shows_ranks(
+    res: resolve.Resolution, tmp_path: Path
+) -> None:
+    payload = {
+        **smoke_payload(),
+        "world_size": 2,
+        "backend": "gloo",
+        "launcher": "torchrun",
+        "deepspeed": "zero2",
+        "runs": [
+            {
+                "model": "qwen2-tiny",
+                "losses": [6.2, 5.8],
+                "tokens_per_s": 900.0,
+                "step_time_s": 0.4,
+                "ranks": [
+                    {
+                        "rank": 0,
+                        "device": "cpu",
+                        "step_time_s": 0.41,
+                        "first_step_s": 1.2,
+                        "total_step_s": 3.3,
+                    },
+                    {
+                        "rank": 1,
+                        "device": "cpu",
+                        "step_time_s": 0.43,
+                        "first_step_s": 1.3,
+                        "total_step_s": 3.4,
+                    },
+                ],
+            }
+        ],
+    }
+    engine = FakeEngine(
+        {"qwen-ft:cpu-fp32": CPU_LABELS},
+        {("qwen-ft:cpu-fp32", "contract"): out(CONTRACT_OK), ("qwen-ft:cpu-fp32", "smoke"): out(payload)},
+    )
+    plans = [smoke.plan_image(cell(res, "cpu"), [], sm_of=sm_of)]
+    options = smoke.Options(nproc="2", deepspeed="zero2")
+    results = smoke.run(engine, plans, options, logs=tmp_path, labels={})
+    assert engine.calls[1]["argv"][-4:] == ["--nproc", "2", "--deepspeed", "zero2"]
+    row = smoke.report_json(results, {"started": 0, "engine": "x", "host": {"gpus": []}})["images"][0]
+    assert (row["world_size"], row["backend"], row["launcher"]) == (2, "gloo", "torchrun")
+    assert [r["rank"] for r in row["ranks"]] == [0, 1] and row["ranks"][1]["step_time_s"] == 0.43
+    assert smoke.fmt_ranks(row) == "2 x gloo (torchrun, zero2): r0 0.41s r1 0.43s"
+    key = smoke.verdict_key("id", "rt", plans[0], options, False, [])
+    assert key != smoke.verdict_key("id", "rt", plans[0], smoke.Options(), False, [])
+
+
+@pytest.mark.parametrize(
+    ("nproc", "deepspeed", "message"),
+    [
+        ("0", None, "--nproc '0': expected a positive number"),
+        ("two", None, "--nproc 'two'"),
+        (None, "zero4", "--deepspeed 'zero4': expected one of zero2, zero3"),
+        (None, "/tmp/ds.json", "run `qwen-ft-runtime smoke --deepspeed PATH.json` in the image"),
+    ],
+)
+def test_parallel_flags_are_checked(nproc: str | None, deepspeed: str | None, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        smoke.check_parallel(nproc, deepspeed)
+    smoke.check_parallel("all", "zero3-offload")

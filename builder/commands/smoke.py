@@ -20,6 +20,7 @@ from builder.smoke import (
     _per_model,
     fmt_device,
     fmt_losses,
+    fmt_ranks,
     fmt_tokens,
 )
 
@@ -40,6 +41,16 @@ from builder.smoke import (
     help="A local Qwen checkpoint, mounted read-only at /model, instead of the tiny models.",
 )
 @click.option("--cpu-only", is_flag=True, help="Run the CPU step even where a GPU fits the image.")
+@click.option(
+    "--nproc",
+    metavar="N|all",
+    help="Ranks per image under torchrun (gloo on the CPU, NCCL on GPUs; all = every visible GPU).",
+)
+@click.option(
+    "--deepspeed",
+    metavar="CONFIG",
+    help="Train through DeepSpeed: zero2, zero3, zero2-offload or zero3-offload (the image's configs).",
+)
 @option("docker")
 @option("as_json", help="Print the report (smoke.json) on stdout.")
 @click.option("--no-audit", is_flag=True, help="Skip the kernel-coverage audit of GPU images.")
@@ -57,6 +68,8 @@ def command(
     timeout: float,
     model: Path | None,
     cpu_only: bool,
+    nproc: str | None,
+    deepspeed: str | None,
     no_audit: bool,
     rerun: bool,
     env_items: tuple[str, ...],
@@ -74,6 +87,7 @@ def command(
         raise ConfigError("--steps must be at least 2 (the loss must have a chance to fall)")
     if timeout <= 0:
         raise ConfigError("--timeout must be positive")
+    smoke.check_parallel(nproc, deepspeed)
     settings = obj.settings(cli)
     options = Options(
         steps=steps,
@@ -82,6 +96,8 @@ def command(
         env=smoke.parse_env(env_items),
         cpu_only=cpu_only,
         rerun=rerun,
+        nproc=nproc,
+        deepspeed=deepspeed,
     )
     audit_options = (
         None
@@ -128,7 +144,17 @@ def summary_table(report: Mapping[str, Any]) -> Any:
     from rich.table import Table
 
     table = Table(title="smoke summary", header_style="bold")
-    for col in ("image", "result", "device", "dtype / attn", "tokens/s", "loss first→last", "wall", "detail"):
+    for col in (
+        "image",
+        "result",
+        "device",
+        "ranks",
+        "dtype / attn",
+        "tokens/s",
+        "loss first→last",
+        "wall",
+        "detail",
+    ):
         table.add_column(col, overflow="fold")
     for row in report["images"]:
         result = "[green]pass[/]" if row["ok"] else "[bold red]FAIL[/]"
@@ -141,6 +167,7 @@ def summary_table(report: Mapping[str, Any]) -> Any:
             escape(row["image"]),
             result,
             escape(fmt_device(row)),
+            escape(fmt_ranks(row)),
             f"{row['dtype'] or '-'} / {row['attention'] or '-'}",
             escape(_per_model(row, fmt_tokens, "\n")),
             escape(_per_model(row, fmt_losses, "\n")),

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from packaging.specifiers import SpecifierSet
@@ -22,6 +22,9 @@ try:  # the C loader is ~10x faster; start-up time matters for `explain`
     from yaml import CSafeLoader as _Loader
 except ImportError:  # pragma: no cover - depends on how PyYAML was built
     from yaml import SafeLoader as _Loader  # type: ignore[assignment]
+
+if TYPE_CHECKING:  # deepspeed.py reads YAML through this package: imported at load time
+    from .deepspeed import DeepSpeedKnowledge
 
 
 @dataclass(frozen=True)
@@ -236,6 +239,7 @@ class Knowledge:
     stack: dict[str, tuple[StackPin, ...]]
     stack_minimums: dict[str, tuple[str, str]]
     stack_watch: dict[str, tuple[str, str]]
+    deepspeed: DeepSpeedKnowledge
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     # -- lookups used by the resolver -------------------------------------------------
@@ -372,8 +376,11 @@ def _triton_pin(torch_version: str, t: dict[str, Any]) -> TritonPin:
 @cache
 def load() -> Knowledge:
     """Load and type-check every knowledge file once per process."""
+    from .deepspeed import load_deepspeed
+
     try:
         return _build(
+            deepspeed=load_deepspeed(),
             gpus=read_yaml("gpus.yaml"),
             torch=read_yaml("torch.yaml"),
             triton=read_yaml("triton.yaml"),
@@ -387,6 +394,7 @@ def load() -> Knowledge:
 
 def _build(
     *,
+    deepspeed: DeepSpeedKnowledge,
     gpus: dict[str, Any],
     torch: dict[str, Any],
     triton: dict[str, Any],
@@ -585,5 +593,6 @@ def _build(
         stack_watch={
             name: (str(m["version"]), str(m["source"])) for name, m in stack.get("watch", {}).items()
         },
+        deepspeed=deepspeed,
         raw={"torch": torch, "gpus": gpus, "triton": triton, "flash_attn": fa, "cuda": cuda},
     )

@@ -1,12 +1,12 @@
-"""Typed view of builder/knowledge/deepspeed.yaml: releases, ops, the recipe's ops, build ENV.
-
-Standalone for now (issue #10): `load_deepspeed()` is not part of `knowledge.load()` yet.
+"""Typed view of builder/knowledge/deepspeed.yaml: releases, ops, the recipe's ops, build ENV,
+what an image plans and the portable host ISA of C++ ops. `knowledge.load()` carries it as
+`Knowledge.deepspeed`; the resolver plans each cell's DeepSpeed from it.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from typing import Any
 
@@ -31,6 +31,10 @@ class DsRelease:
         if self.torch == "any":
             return True
         return Version(torch_version.split("+", 1)[0]) in SpecifierSet(self.torch)
+
+    def supports_python(self, python: str) -> bool:
+        """Classifiers, or built and run here: setup.py sets no python_requires to enforce."""
+        return python in self.python_classifiers or python in self.verified_python
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,22 @@ class BuildVar:
 
 
 @dataclass(frozen=True)
+class HostIsa:
+    machine: str  # uname -m
+    march: str
+    simd: str  # the define simd_width() would pick, e.g. __AVX256__
+    why: str
+    source: str
+
+
+@dataclass(frozen=True)
+class RunFlag:
+    flag: str  # a `docker run` flag a multi-GPU training container needs
+    why: str
+    source: str
+
+
+@dataclass(frozen=True)
 class DeepSpeedKnowledge:
     releases: tuple[DsRelease, ...]
     ops: dict[str, DsOp]
@@ -67,9 +87,29 @@ class DeepSpeedKnowledge:
     build_env: tuple[BuildVar, ...]
     install_record: str
     load_rule: str
+    gpu_ops: tuple[str, ...]  # what a GPU image prebuilds by default
+    cpu_ops: tuple[str, ...]  # what the cpu image prebuilds (none: no compiler there)
+    image_plan_source: str
+    host_isa: dict[str, HostIsa]
+    run_flags: tuple[RunFlag, ...] = ()
+    ib_packages: tuple[str, ...] = ()  # apt packages NCCL's InfiniBand transport needs
+    ib_source: str = ""
 
     def release(self, version: str) -> DsRelease | None:
         return next((r for r in self.releases if r.version == version), None)
+
+    def isa_for(self, machine: str) -> HostIsa:
+        """The portable host ISA C++ ops are built with on `machine` (uname -m)."""
+        try:
+            return self.host_isa[machine]
+        except KeyError:
+            known = ", ".join(self.host_isa)
+            raise KnowledgeError(f"deepspeed.yaml host_isa has no {machine!r} (known: {known})") from None
+
+    def choose(self, torch_version: str, python: str) -> DsRelease | None:
+        """The newest release that declares this torch and supports this Python."""
+        fits = [r for r in self.releases if r.supports_torch(torch_version) and r.supports_python(python)]
+        return max(fits, key=lambda r: Version(r.version), default=None)
 
     def op(self, name: str) -> DsOp:
         try:
@@ -159,6 +199,9 @@ def _build(data: dict[str, Any]) -> DeepSpeedKnowledge:
         )
         for b in data["build_env"]
     )
+    image_plan = data["image_plan"]
+    if image_plan["gpu_ops"] != "recipe_with_offload":
+        raise KnowledgeError("deepspeed.yaml: image_plan.gpu_ops must be recipe_with_offload")
     knowledge = DeepSpeedKnowledge(
         releases=tuple(releases),
         ops=ops,
@@ -166,9 +209,29 @@ def _build(data: dict[str, Any]) -> DeepSpeedKnowledge:
         build_env=build_env,
         install_record=str(data["install_record"]["file"]),
         load_rule=str(data["load_rule"]["rule"]),
+        gpu_ops=(),
+        cpu_ops=_strs(image_plan["cpu_ops"]),
+        image_plan_source=_source(image_plan, "image_plan"),
+        host_isa={
+            str(machine): HostIsa(
+                machine=str(machine),
+                march=str(isa["march"]),
+                simd=str(isa["simd"]),
+                why=str(isa["why"]),
+                source=_source(isa, f"host_isa.{machine}"),
+            )
+            for machine, isa in data["host_isa"].items()
+        },
+        run_flags=tuple(
+            RunFlag(flag=str(f["flag"]), why=str(f["why"]), source=_source(f, f"container_run {f['flag']}"))
+            for f in data["container_run"]
+        ),
+        ib_packages=_strs(data["nccl_ib"]["apt"]),
+        ib_source=_source(data["nccl_ib"], "nccl_ib"),
     )
+    knowledge = replace(knowledge, gpu_ops=knowledge.recipe(offload_optimizer=True))
     _source(data["install_record"], "install_record")
     _source(data["load_rule"], "load_rule")
-    for op in knowledge.recipe(offload_optimizer=True):
-        knowledge.op(op)  # the recipe's ops must be described
+    for op in (*knowledge.gpu_ops, *knowledge.cpu_ops):
+        knowledge.op(op)  # the planned ops must be described
     return knowledge

@@ -21,6 +21,10 @@ class Signature:
     fix: str
     source: str
     images: Mapping[str, Any]
+    # Each must match some line of the log too (e.g. a DeepSpeed frame for its no-kernel-image).
+    requires: tuple[re.Pattern[str], ...] = ()
+    # Signatures this one explains more precisely: dropped when this one is found.
+    supersedes: tuple[str, ...] = ()
 
 
 FILTER_KEYS = {"sm_below", "sm_at_least", "attn_implementation", "triton", "dtype", "recommended", "cpu"}
@@ -45,8 +49,15 @@ def load_signatures() -> tuple[Signature, ...]:
                     fix=" ".join(str(s["fix"]).split()),
                     source=" ".join(str(s["source"]).split()),
                     images=images,
+                    requires=tuple(re.compile(str(p)) for p in s.get("requires") or ()),
+                    supersedes=tuple(str(i) for i in s.get("supersedes") or ()),
                 )
             )
     except (KeyError, TypeError, re.error) as exc:
         raise KnowledgeError(f"builder/knowledge/signatures.yaml is malformed: {exc!r}") from exc
+    ids = {s.id for s in out}
+    for s in out:
+        unknown = set(s.supersedes) - ids
+        if unknown:
+            raise KnowledgeError(f"signatures.yaml {s.id}: supersedes unknown {sorted(unknown)}")
     return tuple(out)

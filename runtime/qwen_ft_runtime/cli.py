@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .env import ATTNS, DTYPES, ENV_VARS, FLAGS, PLAN_ENV_VARS, Plan
+from .env import ATTNS, DTYPES, ENV_VARS, FLAGS, Plan
 from .errors import OOM_HINT, UsageError
 from .report import emit, stdout_to_stderr
 
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     contract = commands.add_parser("contract", help="check the installed stack against the plan")
     for field, flag in FLAGS.items():
         contract.add_argument(
-            flag, dest=f"plan_{field}", metavar="VALUE", help=f"overrides {PLAN_ENV_VARS[field]}"
+            flag, dest=f"plan_{field}", metavar="VALUE", help=f"overrides {ENV_VARS[field]}"
         )
 
     smoke = commands.add_parser("smoke", help="a few real LoRA steps on tiny Qwen2/Qwen3 models")

@@ -12,11 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .errors import UsageError
-from .interface import DEEPSPEED_ENV_VARS, ENV_VARS, NONE
-
-# Every ENV the runtime reads as the image's plan: the rendered ones plus DeepSpeed's, which
-# join ENV_VARS once the builder plans DeepSpeed (issue #10).
-PLAN_ENV_VARS: dict[str, str] = {**ENV_VARS, **DEEPSPEED_ENV_VARS}
+from .interface import ENV_VARS, NONE
 
 DTYPES = ("bf16", "fp16", "fp32")
 ATTNS = ("sdpa", "flash_attention_2")
@@ -147,7 +143,7 @@ class Plan:
         """ENV first, a non-None override wins; values are validated so typos fail early."""
         environ = os.environ if environ is None else environ
         values: dict[str, str | None] = {}
-        for field, var in PLAN_ENV_VARS.items():
+        for field, var in ENV_VARS.items():
             raw = (overrides or {}).get(field)
             source = FLAGS[field] if raw is not None else var
             if raw is None:

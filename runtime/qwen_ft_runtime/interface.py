@@ -18,12 +18,8 @@ ENV_VARS: dict[str, str] = {
     "cuda": "QWEN_FT_CUDA",
     "flash_attn": "QWEN_FT_FLASH_ATTN",
     "triton": "QWEN_FT_TRITON",
-}
-
-# DeepSpeed's plan (issue #10): its release or `none`, and the ops prebuilt into it as
-# comma-separated DeepSpeed op names (`fused_adam,cpu_adam`) or `none`. The runtime reads them
-# already; they move into ENV_VARS when the builder plans and renders them.
-DEEPSPEED_ENV_VARS: dict[str, str] = {
+    # DeepSpeed's release (or `none`), and the ops prebuilt into it as comma-separated DeepSpeed
+    # op names (`fused_adam,cpu_adam`) or `none`.
     "deepspeed": "QWEN_FT_DEEPSPEED",
     "ds_ops": "QWEN_FT_DS_OPS",
 }

@@ -298,12 +298,14 @@ def test_hashes_and_platform_filter_per_platform(project: Project) -> None:
 
 
 def test_same_stack_on_two_platforms_is_one_image(project: Project) -> None:
-    """Where the plan is identical (PyPI's torch 2.14.1 is cu130 on both), one Dockerfile, one job
-    per platform, and every tag a two-platform list."""
+    """Where the plan is identical (PyPI's torch 2.14.1 is cu130 on both, and only CUDA DeepSpeed
+    ops, which do not depend on the host ISA), one Dockerfile, one job per platform, and every tag
+    a two-platform list."""
     m = project.matrix
     text = m.read_text().replace(
         "  h100:\n    sm: 90\n",
-        '  h100:\n    sm: 90\n    recommended: {cuda: "13.0", torch: "2.14.1", python: "3.12", flash_attn: "none"}\n',
+        '  h100:\n    sm: 90\n    recommended: {cuda: "13.0", torch: "2.14.1", python: "3.12", flash_attn: "none"}\n'
+        "    deepspeed_ops: [fused_adam]\n",
     )
     m.write_text(text)
     jobs = [j for j in plan(project.root) if j.cell.spec.target == "h100"]
@@ -468,3 +470,19 @@ def test_stale_tags_keep_current_and_named_images() -> None:
         "qwen-ft:latest": "sha256:y",
     }
     assert jobplan.stale_tags(jobs, local) == ["qwen-ft:cpu-0123456789ab", "qwen-ft:v100-bbbbbbbbbbbb"]
+
+
+def test_host_ops_make_the_stack_differ_per_platform(project: Project) -> None:
+    """DeepSpeed's cpu_adam is compiled for the platform's ISA (x86-64-v3 / armv8-a+NEON), so the
+    same cell is two images, each with its own Dockerfile."""
+    m = project.matrix
+    m.write_text(
+        m.read_text().replace(
+            "  h100:\n    sm: 90\n",
+            '  h100:\n    sm: 90\n    recommended: {cuda: "13.0", torch: "2.14.1", python: "3.12", flash_attn: "none"}\n',
+        )
+    )
+    jobs = [j for j in plan(project.root) if j.cell.spec.target == "h100"]
+    assert [j.name for j in jobs] == ["h100-bf16", "h100-bf16-arm64"]
+    assert jobs[0].cell is not jobs[1].cell
+    assert jobs[0].cell.plan.deepspeed.march == "x86-64-v3" and jobs[1].cell.plan.deepspeed.march == "armv8-a"

@@ -69,7 +69,17 @@ def main() -> None:
     matrix = project / "matrix.yaml"
     text = matrix.read_text(encoding="utf-8")
     matrix.write_text(text.replace("\ninclude:\n", "\n" + CPU2 + "include:\n", 1), encoding="utf-8")
-    build_args = ["--base-map", BASE_MAP, "--wheelhouse", str(args.wheelhouse), "--ca-bundle", CA]
+    # amd64 only: the cpu target also lists linux/arm64, whose emulated build is not the point here.
+    build_args = [
+        "--platform",
+        "linux/amd64",
+        "--base-map",
+        BASE_MAP,
+        "--wheelhouse",
+        str(args.wheelhouse),
+        "--ca-bundle",
+        CA,
+    ]
 
     def cli(*argv: str) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(

@@ -378,6 +378,7 @@ def publish(
 class BuildRun:
     results: list[ImageResult]
     record: Path  # build/report.json
+    engine_version: str
 
 
 def preflight(engine: Engine, jobs: Sequence[BuildJob], options: BuildOptions) -> str:
@@ -405,7 +406,7 @@ def execute(
 
         record(project, stop.results, options, engine_version, started)
         raise Interrupted(interrupted_message(stop.results)) from None
-    return BuildRun(results, record(project, results, options, engine_version, started))
+    return BuildRun(results, record(project, results, options, engine_version, started), engine_version)
 
 
 def raise_for_failures(results: Sequence[ImageResult]) -> None:

@@ -18,6 +18,7 @@ import yaml
 from packaging.version import InvalidVersion, Version
 
 from builder import names
+from builder.contract import PLATFORMS
 from builder.errors import ConfigError
 
 try:
@@ -27,9 +28,8 @@ except ImportError:  # pragma: no cover
 
 AXES = ("cuda", "torch", "python", "flash_attn")
 DTYPES = ("bf16", "fp16", "fp32")
-# OCI platforms an image can be built for; the knowledge base says what each can run
+# OCI platforms (contract.PLATFORMS); the knowledge base says what each can run
 # (builder/knowledge/platforms.yaml). linux/amd64 alone is the default: the axis is opt-in.
-PLATFORMS = ("linux/amd64", "linux/arm64")
 DEFAULT_PLATFORMS = ("linux/amd64",)
 
 _VERSION = {"type": "string", "pattern": r"^\d+(\.\d+)*([.-]?post\d+)?$", "x-version": True}

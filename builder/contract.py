@@ -57,6 +57,9 @@ AUDIT_RUN = label("audit-run")
 COMPARE_RUN = label("compare-run")
 COMPARE_PROJECT = label("compare-project")
 
+# The OCI platforms an image can be built for (the matrix's `platform` axis).
+PLATFORMS = ("linux/amd64", "linux/arm64")
+
 # Where the host mounts a user's checkpoint (read-only) for smoke, compare and train, and
 # where `doctor`'s training line mounts the data (read-only) and the output.
 MODEL_MOUNT = "/model"

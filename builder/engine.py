@@ -12,6 +12,7 @@ to a replayable shell script, so a failed run can be reproduced by hand.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -274,9 +275,9 @@ class Snapshot:
     tags: Mapping[str, LocalImage]  # every local tag of the repository -> its image
 
 
-def local_snapshot(repository: str, timeout: float = 5.0) -> Snapshot | None:
+def local_snapshot(repository: str, timeout: float = 5.0, *, version: str | None = None) -> Snapshot | None:
     """Every local tag of `repository` -> its image, in one Engine API request over the Unix socket
-    (and one more for the engine's version).
+    (and one more for the engine's version, unless the caller already knows it).
 
     The fast path for up-to-date checks: the standard library only, no docker SDK import and no
     CLI process. None when the engine is not a local Unix socket or does not answer, so the
@@ -309,7 +310,7 @@ def local_snapshot(repository: str, timeout: float = 5.0) -> Snapshot | None:
     filters = urllib.parse.quote(json.dumps({"reference": [repository]}))
     try:
         rows = get(f"/images/json?filters={filters}")
-        version = str(get("/version").get("Version", "unknown"))
+        version = version or str(get("/version").get("Version", "unknown"))
     except (OSError, ValueError, KeyError, AttributeError):
         return None
     out: dict[str, LocalImage] = {}
@@ -390,17 +391,25 @@ class CommandLog:
 
 _STEP = re.compile(r"^#(?P<id>\d+) \[(?P<step>[^\]]+)\] (?P<cmd>.*)$")
 _STEP_ERROR = re.compile(r"^#(?P<id>\d+) ERROR:")
-_ERROR_HINTS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"no space left on device", re.I), "disk full: free space (docker system prune) and rebuild"),
-    (
-        re.compile(
-            r"(failed to resolve source metadata|pull access denied|failed to do request|"
-            r"manifest unknown|failed to authorize|failed to create LLB definition).*",
-            re.I,
+
+
+@functools.cache
+def _error_hints() -> tuple[tuple[re.Pattern[str], str], ...]:
+    """Compiled on the first failed build, not at import (the no-op path never needs them)."""
+    return (
+        (
+            re.compile(r"no space left on device", re.I),
+            "disk full: free space (docker system prune) and rebuild",
         ),
-        "base image unreachable: mirror it and pass --base-map 'PATTERN=MIRROR' (or docker load it)",
-    ),
-)
+        (
+            re.compile(
+                r"(failed to resolve source metadata|pull access denied|failed to do request|"
+                r"manifest unknown|failed to authorize|failed to create LLB definition).*",
+                re.I,
+            ),
+            "base image unreachable: mirror it and pass --base-map 'PATTERN=MIRROR' (or docker load it)",
+        ),
+    )
 
 
 class DockerEngine:
@@ -864,7 +873,7 @@ def _terminate(proc: subprocess.Popen[str]) -> None:
 
 def _summarise_error(tail: list[str]) -> str:
     text = "\n".join(tail)
-    for pattern, hint in _ERROR_HINTS:
+    for pattern, hint in _error_hints():
         found = pattern.search(text)
         if found:
             return f"{hint} ({found.group(0).strip()[:200]})"

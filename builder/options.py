@@ -193,8 +193,8 @@ def options_from(settings: Settings) -> BuildOptions:
 
 
 def parse_platforms(text: str | None) -> tuple[str, ...]:
-    """'linux/amd64,linux/arm64' -> a tuple; a name outside config.PLATFORMS is one clear error."""
-    from builder.config import PLATFORMS
+    """'linux/amd64,linux/arm64' -> a tuple; a name outside contract.PLATFORMS is one clear error."""
+    from builder.contract import PLATFORMS
 
     if not text:
         return ()

@@ -68,11 +68,9 @@ def build(obj: Context, /, selectors: tuple[str, ...], **cli: object) -> None:
     project = obj.project
     jobs.check_inputs(project, options)
     plan = obj.jobs(res, kb, resolve.select(res, selectors), options)
+    known = {"image": cfg.image, "registry": cfg.registry, "jobs": [j.planned.as_json() for j in plan]}
     if noop_key is not None:
-        obj.remember(
-            noop_key,
-            {"image": cfg.image, "registry": cfg.registry, "jobs": [j.planned.as_json() for j in plan]},
-        )
+        obj.remember(noop_key, known)
         if _already_built(obj, noop_key, cli, started):
             return
     if options.dry_run:
@@ -88,6 +86,8 @@ def build(obj: Context, /, selectors: tuple[str, ...], **cli: object) -> None:
         engine = DockerEngine(settings["docker"], CommandLog(project.logs / "commands.sh"))
         with BuildProgress([j.name for j in plan]) as progress:
             done = building.execute(project, plan, engine, options, on_change=progress.update)
+    if noop_key is not None:  # the engine's version, so the no-op path need not ask for it
+        obj.remember(noop_key, {**known, "engine": done.engine_version})
     summary(done.results)
     click.echo(f"report: {done.record.relative_to(project.root)}", err=True)
     building.raise_for_failures(done.results)
@@ -103,10 +103,12 @@ def _already_built(obj: Context, key: str, cli: dict[str, object], started: floa
     known = obj.recall(key)
     if known is None:
         return False
-    snapshot = local_snapshot(str(known["image"]))
+    snapshot = local_snapshot(str(known["image"]), version=known.get("engine"))
     fresh = record.up_to_date([record.Planned.from_json(j) for j in known["jobs"]], snapshot)
     if fresh is None or snapshot is None:
         return False
+    if "engine" not in known:
+        obj.remember(key, {**known, "engine": snapshot.engine_version})
     settings = opts.resolve(BUILD_OPTIONS, cli, obj.environ, {"registry": known["registry"] or None})
     project = obj.project
     options = opts.options_from(settings)

@@ -23,7 +23,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -734,6 +733,8 @@ class DockerEngine:
         before the container is created, so an interrupt at any point still finds it to remove,
         and a second Ctrl-C waits until the removal is done.
         """
+        import uuid  # here, not at import: the no-op build path imports this module
+
         import docker
 
         name = f"qwen-ft-{uuid.uuid4().hex[:12]}"

@@ -32,26 +32,26 @@ def digest(parts: Iterable[bytes | str]) -> str:
 
 @cache
 def builder_sources() -> str:
-    """The builder's code and knowledge: a rule or a fact that changes invalidates every entry."""
+    """The builder's code and knowledge, by name, size and mtime (like make): an edited rule or
+    fact invalidates every entry, and a lookup reads no file."""
     root = Path(__file__).resolve().parent
-    files = sorted(
-        p for p in root.rglob("*") if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts
-    )
     interface = root.parent / "runtime" / "qwen_ft_runtime" / "interface.py"
     if not interface.is_file():  # installed, not a checkout: the runtime package sits beside builder
         import qwen_ft_runtime.interface as module
 
         interface = Path(module.__file__ or "")
     return digest(
-        part for p in [*files, interface] for part in (str(p.relative_to(p.parents[1])), p.read_bytes())
+        [tree_stamp(root, suffixes=(".py", ".yaml")), tree_stamp(interface.parent, suffixes=(".py",))]
     )
 
 
-def tree_stamp(root: Path) -> str:
+def tree_stamp(root: Path, suffixes: tuple[str, ...] | None = None) -> str:
     """Names, sizes and mtimes of the files under root: a cheap change detector (no reads)."""
     parts: list[str] = []
     for path in sorted(root.rglob("*")):
         if "__pycache__" in path.parts or path.suffix in (".pyc", ".pyo"):
+            continue
+        if suffixes is not None and path.suffix not in suffixes:
             continue
         st = path.stat()
         parts.append(f"{path.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}")

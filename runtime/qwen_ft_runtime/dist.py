@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -190,10 +191,15 @@ def init(device_type: str, *, deepspeed: bool) -> DistContext:
 
 
 def shutdown(ctx: DistContext) -> None:
+    """Leave the group together: a rank that tears gloo down while another still talks to it
+    aborts in C++ ("terminate called without an active exception", exit -6), seen on a loaded
+    2-core host after a ZeRO-3 save."""
     if ctx.distributed:
         import torch.distributed as torch_dist
 
         if torch_dist.is_initialized():
+            with contextlib.suppress(RuntimeError):
+                torch_dist.barrier()
             torch_dist.destroy_process_group()
 
 

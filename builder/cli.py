@@ -59,7 +59,9 @@ class LazyGroup(click.Group):
 def cli(ctx: click.Context, matrix: Path | None, debug: bool) -> None:
     """Per-GPU Docker images for fine-tuning Qwen, from one YAML matrix."""
     path = opts.resolve(["matrix"], {"matrix": matrix}, os.environ)["matrix"]
-    ctx.obj = Context(matrix_path=path, debug=debug)
+    # main() hands in the raw arguments: `build` keeps its up-to-date answer under them.
+    argv = tuple(ctx.obj) if isinstance(ctx.obj, list) else None
+    ctx.obj = Context(matrix_path=path, debug=debug, argv=argv)
 
 
 def _fail(exc: FatalError, debug: bool) -> NoReturn:
@@ -77,11 +79,12 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def main() -> None:
-    debug = "--debug" in sys.argv
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in args
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        cli.main(standalone_mode=False)
+        cli.main(args=args, prog_name="qwen-ft-images", standalone_mode=False, obj=args)
     except FatalError as exc:
         _fail(exc, debug)
     except click.exceptions.Abort:

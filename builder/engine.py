@@ -5,6 +5,10 @@ buildx plugin exists, else a client with built-in BuildKit and DOCKER_BUILDKIT=1
 the docker SDK cannot do BuildKit builds (docker/docker-py#2230). Everything
 else (version check, inspect, tag, push, pull, run, remove) uses the SDK.
 
+The one read it does not hold is `builder.uptodate.local_images`: read-only Engine API
+inspects with the standard library, kept there so an up-to-date `build` never imports
+this module.
+
 Every engine operation is also appended, as the equivalent docker CLI command,
 to a replayable shell script, so a failed run can be reproduced by hand.
 """
@@ -37,6 +41,8 @@ DOCKER_ENV = BY_NAME["docker"].env
 
 if TYPE_CHECKING:
     import docker
+
+    from builder.uptodate import Snapshot
 
 # RUN --mount=type=secret|cache|bind needs BuildKit's Dockerfile frontend 1.2+, built
 # into dockerd since 18.09 and stable since 20.10; older daemons fail at parse time.
@@ -261,68 +267,10 @@ def describe_build_path(exe: str, run: ProbeRun = _probe_run) -> str | None:
     return client.describe()  # pragma: no cover - find_build_client raises for a client without a path
 
 
-@dataclass(frozen=True)
-class LocalImage:
-    id: str
-    size: int
-    labels: Mapping[str, str]
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    engine_version: str
-    tags: Mapping[str, LocalImage]  # every local tag of the repository -> its image
-
-
-def local_snapshot(repository: str, timeout: float = 5.0, *, version: str | None = None) -> Snapshot | None:
-    """Every local tag of `repository` -> its image, in one Engine API request over the Unix socket
-    (and one more for the engine's version, unless the caller already knows it).
-
-    The fast path for up-to-date checks: the standard library only, no docker SDK import and no
-    CLI process. None when the engine is not a local Unix socket or does not answer, so the
-    caller takes the SDK path, which reports problems properly.
-    """
-    import socket
-    import urllib.parse
-
-    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-    if not host.startswith("unix://") or os.environ.get("DOCKER_CONTEXT"):
-        return None
-    path = host[len("unix://") :]
-
-    def get(url: str) -> Any:
-        # HTTP/1.0: the engine answers with a plain body and closes, so no chunked decoding
-        # and no http.client import (a third of this path's start-up).
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(path)
-            sock.sendall(f"GET {url} HTTP/1.0\r\nHost: docker\r\n\r\n".encode())
-            chunks = []
-            while chunk := sock.recv(1 << 16):
-                chunks.append(chunk)
-        head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-        status = head.split(b"\r\n", 1)[0].split()
-        if len(status) < 2 or status[1] != b"200":
-            raise ValueError(f"{url}: {head[:80]!r}")
-        return json.loads(body)
-
-    filters = urllib.parse.quote(json.dumps({"reference": [repository]}))
-    try:
-        rows = get(f"/images/json?filters={filters}")
-        version = version or str(get("/version").get("Version", "unknown"))
-    except (OSError, ValueError, KeyError, AttributeError):
-        return None
-    out: dict[str, LocalImage] = {}
-    for row in rows:
-        image = LocalImage(str(row["Id"]), int(row.get("Size") or 0), dict(row.get("Labels") or {}))
-        for tag in row.get("RepoTags") or []:
-            out[str(tag)] = image
-    return Snapshot(version, out)
-
-
 class SnapshotEngine:
-    """Image questions answered from one Engine API snapshot; a DockerEngine (and the SDK import)
-    is made only when something must run. An up-to-date `smoke` then never starts one."""
+    """Image questions answered from one Engine API snapshot (builder.uptodate.local_images,
+    which lives there to keep the no-op path's imports small); a DockerEngine (and the SDK
+    import) is made only when something must run. An up-to-date `smoke` then never starts one."""
 
     def __init__(self, snapshot: Snapshot, make: Callable[[], DockerEngine]) -> None:
         self.snapshot = snapshot
@@ -339,10 +287,14 @@ class SnapshotEngine:
         return self.snapshot.engine_version
 
     def image_labels(self, ref: str) -> Mapping[str, str] | None:
+        if ref not in self.snapshot.asked:
+            return self.engine.image_labels(ref)
         image = self.snapshot.tags.get(ref)
         return None if image is None else image.labels
 
     def image_id(self, ref: str) -> str | None:
+        if ref not in self.snapshot.asked:
+            return self.engine.image_id(ref)
         image = self.snapshot.tags.get(ref)
         return None if image is None else image.id
 

@@ -21,7 +21,6 @@ __all__ = ["BuildJob", "BuildOptions", "options_from", "parse_base_map", "plan_j
 from builder.knowledge import Knowledge
 from builder.options import BuildOptions, options_from, parse_base_map
 from builder.project import Project
-from builder.record import Planned
 from builder.resolve import DEFAULT_PLATFORM, Cell, Resolution
 
 CA_SECRET_ID = "ca_bundle"
@@ -48,10 +47,6 @@ class BuildJob:
     @property
     def hash_ref(self) -> str:
         return self.tags[-1]
-
-    @property
-    def planned(self) -> Planned:
-        return Planned(self.name, self.digest, self.tags)
 
 
 def local_suffix(platform: str) -> str:

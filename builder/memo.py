@@ -1,25 +1,32 @@
-"""An on-disk memo: a value stored under the hash of the bytes that determine it.
+"""On-disk memos under build/cache/memo/: values stored under the hash of what determines them.
 
-It lets an up-to-date `make images` skip YAML parsing, resolution and rendering: the
+They let an up-to-date `make images` skip YAML parsing, resolution and rendering: the
 resolution is keyed by the matrix file and the builder's own sources (its knowledge base
-included), the build jobs additionally by the runtime context and the build options.
-Entries are pickles written atomically under build/cache/memo/, so concurrent runs never
-read half a file; a stale or unreadable entry is recomputed. The folder is the project's
-own build output, as trusted as the project itself.
+included), the build jobs also by templates/, runtime/ and the build options, and a whole
+`build` answer (builder.uptodate) by its invocation and stamps of all of those. Entries are
+written atomically, so concurrent runs never read half a file; a stale or unreadable entry
+is recomputed. The folder is the project's own build output, as trusted as the project.
+
+The standard library only, and light: the no-op path (builder.uptodate) stamps and reads
+through this module before anything else is imported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable
-from functools import cache
-from pathlib import Path
-from typing import Any, TypeVar
+import time
 
-T = TypeVar("T")
-_FORMAT = b"qwen-ft-memo-1"
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+    from typing import Any, TypeVar
+
+    T = TypeVar("T")
+
+_FORMAT = b"qwen-ft-memo-2"
 
 
 def digest(parts: Iterable[bytes | str]) -> str:
@@ -30,72 +37,103 @@ def digest(parts: Iterable[bytes | str]) -> str:
     return h.hexdigest()
 
 
-@cache
-def builder_sources() -> str:
-    """The builder's code and knowledge, by name, size and mtime (like make): an edited rule or
-    fact invalidates every entry, and a lookup reads no file."""
-    root = Path(__file__).resolve().parent
-    interface = root.parent / "runtime" / "qwen_ft_runtime" / "interface.py"
-    if not interface.is_file():  # installed, not a checkout: the runtime package sits beside builder
-        import qwen_ft_runtime.interface as module
-
-        interface = Path(module.__file__ or "")
-    return digest(
-        [tree_stamp(root, suffixes=(".py", ".yaml")), tree_stamp(interface.parent, suffixes=(".py",))]
-    )
-
-
-def tree_stamp(root: Path, suffixes: tuple[str, ...] | None = None) -> str:
-    """Names, sizes and mtimes of the files under root: a cheap change detector (no reads)."""
+def tree_stamp(root: str | os.PathLike[str], suffixes: tuple[str, ...] | None = None) -> str:
+    """Names, sizes and mtimes of the files under root (or of root, a file): a cheap change
+    detector, like make's, that reads no file. A missing root has a stamp of its own."""
+    top = os.fspath(root)
+    try:
+        st = os.stat(top)
+    except OSError:
+        return digest(["missing"])
+    if not os.path.isdir(top):
+        return digest(["file", str(st.st_size), str(st.st_mtime_ns)])
     parts: list[str] = []
-    for path in sorted(root.rglob("*")):
-        if "__pycache__" in path.parts or path.suffix in (".pyc", ".pyo"):
-            continue
-        if suffixes is not None and path.suffix not in suffixes:
-            continue
-        st = path.stat()
-        parts.append(f"{path.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}")
+
+    def walk(folder: str, rel: str) -> None:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in entries:
+            name = rel + entry.name
+            if entry.is_dir():
+                if entry.name != "__pycache__":
+                    walk(entry.path, name + "/")
+            elif not entry.name.endswith((".pyc", ".pyo")) and (
+                suffixes is None or entry.name.endswith(suffixes)
+            ):
+                est = entry.stat()
+                parts.append(f"{name}\0{est.st_size}\0{est.st_mtime_ns}")
+
+    walk(top, "")
     return digest(parts)
 
 
-def _write(path: Path, data: bytes) -> None:
-    import tempfile
+def builder_sources() -> list[tuple[str, tuple[str, ...] | None]]:
+    """The builder's code and knowledge, and the runtime interface it shares with the images:
+    what every memo also depends on (an edited rule or fact invalidates every entry)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    interface = os.path.join(os.path.dirname(here), "runtime", "qwen_ft_runtime")
+    if not os.path.isfile(os.path.join(interface, "interface.py")):
+        # installed, not a checkout: the runtime package sits beside builder
+        interface = os.path.join(os.path.dirname(here), "qwen_ft_runtime")
+    return [(here, (".py", ".yaml")), (interface, (".py",))]
 
+
+_SOURCES: list[str] = []
+
+
+def builder_stamp() -> str:
+    """One stamp of `builder_sources`, taken once per process."""
+    if not _SOURCES:
+        _SOURCES.append(digest(tree_stamp(path, suffixes) for path, suffixes in builder_sources()))
+    return _SOURCES[0]
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Via a temp file unique to this process and a rename: readers never see half a file."""
+    target = os.fspath(path)
+    folder = os.path.dirname(target)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(target)[:24]}.{os.getpid()}.{time.monotonic_ns()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem[:12]}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             f.write(data)
-        Path(tmp).replace(path)
-    except OSError:
-        pass  # a read-only or full build/ only costs speed
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
-def read_json(folder: Path, key: str) -> Any:
+def read_json(folder: str | os.PathLike[str], key: str) -> Any:
     """A plain-data entry (no pickle: the no-op path must not import the classes), or None."""
     try:
-        return json.loads((folder / f"{key}.json").read_bytes())
+        with open(os.path.join(folder, f"{key}.json"), "rb") as f:
+            return json.loads(f.read())
     except (OSError, ValueError):
         return None
 
 
-def write_json(folder: Path, key: str, value: Any) -> None:
-    _write(folder / f"{key}.json", json.dumps(value).encode())
+def write_json(folder: str | os.PathLike[str], key: str, value: Any) -> None:
+    """Best effort: a read-only or full build/ only costs speed."""
+    with contextlib.suppress(OSError):
+        write_atomic(os.path.join(folder, f"{key}.json"), json.dumps(value).encode())
 
 
-def cached(folder: Path, key: str, compute: Callable[[], T]) -> T:
+def cached(folder: str | os.PathLike[str], key: str, compute: Callable[[], T]) -> T:
     """The stored value for key, or compute() stored under it."""
     import pickle
 
-    path = folder / f"{key}.pickle"
+    path = os.path.join(folder, f"{key}.pickle")
     try:
-        with path.open("rb") as f:
+        with open(path, "rb") as f:
             value: T = pickle.load(f)
         return value
     except FileNotFoundError:
         pass
     except Exception:
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
     value = compute()
-    _write(path, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+    with contextlib.suppress(OSError):  # a read-only or full build/ only costs speed
+        write_atomic(path, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
     return value

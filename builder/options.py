@@ -14,6 +14,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
+from builder import MATRIX_ENV, MATRIX_FILE, MATRIX_FLAGS
 from builder.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -36,13 +37,13 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option(
+    Option(  # also read before the CLI exists, by the no-op path (builder.uptodate.locate)
         "matrix",
-        ("-f", "--matrix"),
+        MATRIX_FLAGS,
         "The matrix file; templates/, images/, runtime/ and build/ are found beside it.",
         kind="path",
-        env="QWEN_FT_MATRIX",
-        default=Path("matrix.yaml"),
+        env=MATRIX_ENV,
+        default=Path(MATRIX_FILE),
     ),
     Option("docker", ("--docker",), "The docker executable.", env="QWEN_FT_DOCKER", default="docker"),
     Option(

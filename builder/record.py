@@ -1,6 +1,5 @@
-"""The build record (build/report.json) and the no-op check: what `build` leaves behind, and
-whether it has anything to do. Light on purpose: an up-to-date `build` imports only this,
-the options and the engine's snapshot, never the build runner, the resolver or Jinja.
+"""The build record (build/report.json): what `build` leaves behind, and the up-to-date
+answer (builder.uptodate) that writes the same record without building.
 """
 
 from __future__ import annotations
@@ -12,12 +11,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from builder import contract
 from builder.fsio import write_atomic
 from builder.proxy import redact
 
 if TYPE_CHECKING:
-    from builder.engine import Snapshot
+    from builder.jobs import BuildJob
     from builder.options import BuildOptions
     from builder.project import Project
 
@@ -43,48 +41,6 @@ class ImageResult:
         return self.status in ("built", "up-to-date")
 
 
-# ----------------------------------------------------------------------------- the no-op check
-
-
-@dataclass(frozen=True)
-class Planned:
-    """What the no-op check needs of a build job: plain data, memoized as JSON (builder.memo)."""
-
-    name: str
-    digest: str
-    tags: tuple[str, ...]  # the last one is the content-hash tag
-
-    def as_json(self) -> dict[str, Any]:
-        return {"name": self.name, "digest": self.digest, "tags": list(self.tags)}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Planned:
-        return cls(str(data["name"]), str(data["digest"]), tuple(str(t) for t in data["tags"]))
-
-
-def up_to_date(jobs: Sequence[Planned], snapshot: Snapshot | None) -> list[ImageResult] | None:
-    """Every job's result when each is already built with every tag in place, else None.
-
-    One Engine API snapshot answers for all images: an up-to-date `build` then costs no
-    docker SDK, no CLI process, no resolution and no build; anything else takes the full path.
-    """
-    if snapshot is None:
-        return None
-    results = []
-    for job in jobs:
-        image = snapshot.tags.get(job.tags[-1])
-        if image is None or image.labels.get(contract.CONTENT_HASH) != job.digest:
-            return None
-        if any(snapshot.tags.get(ref) != image for ref in job.tags):
-            return None
-        results.append(
-            ImageResult(
-                image=job.name, status="up-to-date", size=image.size, image_id=image.id, tags=list(job.tags)
-            )
-        )
-    return results
-
-
 # ----------------------------------------------------------------------------- the build record
 
 
@@ -96,7 +52,11 @@ def record(
     started: float,
 ) -> Path:
     """build/report.json: this run's images and the options it ran with (credentials redacted)."""
-    meta = {
+    return write_record(project, results, _meta(options, engine_version, started))
+
+
+def _meta(options: BuildOptions, engine_version: str, started: float) -> dict[str, Any]:
+    return {
         "command": "build",
         "started": started,
         "seconds": round(time.time() - started, 2),
@@ -112,7 +72,23 @@ def record(
             "https_proxy": redact(options.https_proxy),
         },
     }
-    return write_record(project, results, meta)
+
+
+def up_to_date_answer(project: Project, jobs: Sequence[BuildJob], options: BuildOptions) -> dict[str, Any]:
+    """What builder.uptodate needs to say "up to date" for these jobs: each image's content
+    hash and tags, and this record as it would be written (the engine fills in each image's
+    ID and size, the time and its version)."""
+    return {
+        "root": str(project.root),
+        "jobs": [{"name": j.name, "digest": j.digest, "tags": list(j.tags)} for j in jobs],
+        "record": {
+            "meta": _meta(options, "", 0.0),
+            "images": [
+                _public(asdict(ImageResult(image=j.name, status="up-to-date", tags=list(j.tags))))
+                for j in jobs
+            ],
+        },
+    }
 
 
 def write_record(project: Project, results: Sequence[ImageResult], meta: Mapping[str, Any]) -> Path:

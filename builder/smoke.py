@@ -669,14 +669,15 @@ def execute(
     """
     from builder import doctor, hostprobe
     from builder.content import tree_digest
-    from builder.engine import CommandLog, DockerEngine, SnapshotEngine, local_snapshot
+    from builder.engine import CommandLog, DockerEngine, SnapshotEngine
+    from builder.uptodate import local_images
 
     def docker_engine() -> DockerEngine:
         made = DockerEngine(docker, CommandLog(project.logs / "commands.sh"))
         made.check()
         return made
 
-    snapshot = local_snapshot(config.image)
+    snapshot = local_images(c.local_ref for c in cells)
     engine: DockerEngine | SnapshotEngine = (
         docker_engine() if snapshot is None else SnapshotEngine(snapshot, docker_engine)
     )

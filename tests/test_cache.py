@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 from test_smoke import CONTRACT_TRITON, CPU_LABELS, FakeEngine, out, run_cli
 
-from builder import config, contract, knowledge, record, resolve, smoke
-from builder.engine import LocalImage, Snapshot
+from builder import config, contract, knowledge, resolve, smoke, uptodate
 from builder.hostprobe import GpuInfo
-from builder.jobs import BuildJob
+from builder.uptodate import LocalImage, Snapshot
 
 L4 = GpuInfo(0, "NVIDIA L4", 89, "550.54.15")
 
@@ -139,43 +138,28 @@ def test_concurrent_writers_leave_one_whole_entry(tmp_path: Path, project_copy: 
 # ----------------------------------------------------------------------------- the no-op build
 
 
-def _job(tags: tuple[str, ...], digest: str = "d" * 64) -> BuildJob:
-    cell = resolve.resolve(
-        config.load(Path(__file__).parent.parent / "matrix.yaml"), knowledge.load()
-    ).recommended("cpu")
-    return BuildJob(cell, Path("Dockerfile"), "FROM x\n", {}, digest, tags, {contract.CONTENT_HASH: digest})
-
-
 TAGS = ("qwen-ft:cpu-fp32", "qwen-ft:cpu-fp32-torch2.13.0-py3.11", "qwen-ft:cpu-dddddddddddd")
+JOB = {"name": "cpu-fp32", "digest": "d" * 64, "tags": list(TAGS)}
 
 
 def test_up_to_date_needs_the_hash_label_and_every_tag_on_one_image() -> None:
-    good = LocalImage("sha256:a", 10, {contract.CONTENT_HASH: "d" * 64})
-    snap = Snapshot("20.10.24", dict.fromkeys(TAGS, good))
-    results = record.up_to_date([_job(TAGS).planned], snap)
-    assert results is not None and results[0].status == "up-to-date" and results[0].image_id == "sha256:a"
-    other = LocalImage("sha256:b", 10, {contract.CONTENT_HASH: "d" * 64})
-    assert record.up_to_date([_job(TAGS).planned], Snapshot("x", {**snap.tags, TAGS[0]: other})) is None, (
-        "alias moved"
-    )
-    assert record.up_to_date([_job(TAGS).planned], Snapshot("x", dict.fromkeys(TAGS[1:], good))) is None, (
-        "alias missing"
-    )
-    stale = LocalImage("sha256:a", 10, {contract.CONTENT_HASH: "e" * 64})
-    assert record.up_to_date([_job(TAGS).planned], Snapshot("x", dict.fromkeys(TAGS, stale))) is None
-    assert record.up_to_date([_job(TAGS).planned], None) is None, "no snapshot: the full path decides"
+    good = LocalImage("sha256:a", 10, {contract.CONTENT_HASH: "d" * 64}, TAGS)
+    found = uptodate.up_to_date([JOB], Snapshot("20.10.24", {TAGS[-1]: good}))
+    assert found is not None and found[0].id == "sha256:a"
+    moved = LocalImage("sha256:a", 10, {contract.CONTENT_HASH: "d" * 64}, TAGS[1:])
+    assert uptodate.up_to_date([JOB], Snapshot("x", {TAGS[-1]: moved})) is None, "alias moved or missing"
+    stale = LocalImage("sha256:a", 10, {contract.CONTENT_HASH: "e" * 64}, TAGS)
+    assert uptodate.up_to_date([JOB], Snapshot("x", {TAGS[-1]: stale})) is None, "another content hash"
+    assert uptodate.up_to_date([JOB], Snapshot("x", {})) is None, "not built"
+    assert uptodate.up_to_date([JOB], None) is None, "no snapshot: the full path decides"
 
 
 @pytest.mark.parametrize("host", ["tcp://127.0.0.1:2375", "ssh://me@box"])
 def test_the_snapshot_is_only_taken_over_a_local_socket(monkeypatch, host: str) -> None:
-    from builder.engine import local_snapshot
-
     monkeypatch.setenv("DOCKER_HOST", host)
-    assert local_snapshot("qwen-ft") is None
+    assert uptodate.local_images(["qwen-ft:cpu-fp32"]) is None
 
 
 def test_the_snapshot_of_a_missing_socket_is_none(monkeypatch, tmp_path: Path) -> None:
-    from builder.engine import local_snapshot
-
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path / 'nope.sock'}")
-    assert local_snapshot("qwen-ft") is None
+    assert uptodate.local_images(["qwen-ft:cpu-fp32"]) is None

@@ -90,6 +90,30 @@ def test_rebuild_does_no_build_work(built_via: Built) -> None:
     assert before == after, "no docker build ran, so no build log was written"
 
 
+def test_the_replayed_answer_is_checked_against_the_engine(built_cpu: Built) -> None:
+    """An identical `build` is answered before the CLI is imported (builder.uptodate), but only
+    while the engine bears it out: an alias moved by hand falls through to the full path,
+    which tags it back. One path suffices: neither answer runs a build client."""
+    args = ("build", "cpu", *built_cpu.base_args)
+    for _ in range(2):  # the first may be the full path (it stores the answer), the second replays
+        proc = cli(built_cpu.project, *args)
+        assert proc.returncode == 0, proc.stderr
+    memo = built_cpu.project / "build" / "cache" / "memo"
+    answers = [p for p in memo.glob("*.json") if '"format": 1, "argv"' in p.read_text()]
+    assert answers, "the full path kept its answer for the replay"
+    alias = f"{built_cpu.image}:cpu-fp32"
+    right = inspect(alias)["Id"]
+    docker("tag", BASE_IMAGE, alias)
+    try:
+        proc = cli(built_cpu.project, *args)
+        assert proc.returncode == 0, proc.stderr
+        assert inspect(alias)["Id"] == right, "the full path ran and put the alias back"
+        report = json.loads((built_cpu.project / "build" / "report.json").read_text())
+        assert [r["status"] for r in report["images"]] == ["up-to-date"]
+    finally:
+        docker("tag", str(right), alias)
+
+
 def test_push_pull_round_trip_with_plain_docker(built_via: Built) -> None:
     registry = f"{REGISTRY}/qwen-ft-ci-{RUN_ID}"
     proc = cli(

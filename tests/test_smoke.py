@@ -307,9 +307,10 @@ def run_cli(
     gpus: Sequence[GpuInfo] = (),
 ) -> tuple[int, str, str]:
     import builder.engine
+    import builder.uptodate
 
     monkeypatch.setattr(builder.engine, "DockerEngine", lambda *a, **k: engine)
-    monkeypatch.setattr(builder.engine, "local_snapshot", lambda *a, **k: None)  # the fake is the engine
+    monkeypatch.setattr(builder.uptodate, "local_images", lambda *a, **k: None)  # the fake is the engine
     monkeypatch.setattr(
         hostprobe, "probe_gpus", lambda *a, **k: GpuProbe("nvidia-smi" if gpus else "none", tuple(gpus))
     )

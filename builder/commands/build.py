@@ -49,17 +49,13 @@ BUILD_OPTIONS = (
 @click.pass_obj
 def build(obj: Context, /, selectors: tuple[str, ...], **cli: object) -> None:
     """Build (and tag, and optionally push) the selected images; none selected means all."""
-    from builder import options as opts
-
-    started = time.time()
-    noop_key = None if cli.get("dry_run") or cli.get("push") else obj.noop_key("build", selectors, cli)
-    if noop_key is not None and _already_built(obj, noop_key, cli, started):
-        return
     from builder import build as building
-    from builder import jobs, resolve
+    from builder import jobs, record, resolve, uptodate
+    from builder import options as opts
     from builder.engine import CommandLog, DockerEngine
     from builder.errors import ConfigError
 
+    started = time.time()
     cfg, kb, res = obj.load()
     settings = obj.settings(cli, BUILD_OPTIONS, cfg)
     options = opts.options_from(settings)
@@ -68,11 +64,12 @@ def build(obj: Context, /, selectors: tuple[str, ...], **cli: object) -> None:
     project = obj.project
     jobs.check_inputs(project, options)
     plan = obj.jobs(res, kb, resolve.select(res, selectors), options)
-    known = {"image": cfg.image, "registry": cfg.registry, "jobs": [j.planned.as_json() for j in plan]}
-    if noop_key is not None:
-        obj.remember(noop_key, known)
-        if _already_built(obj, noop_key, cli, started):
-            return
+    # The no-op: every image already built and tagged (builder.uptodate, which answers the
+    # next identical call before any of the above is even imported).
+    answer = None if options.dry_run or options.push else record.up_to_date_answer(project, plan, options)
+    if answer is not None and uptodate.answer(answer, started):
+        obj.keep_answer(answer, options)
+        return
     if options.dry_run:
         for line in settings.lines():
             click.echo(f"# {line}")
@@ -86,38 +83,11 @@ def build(obj: Context, /, selectors: tuple[str, ...], **cli: object) -> None:
         engine = DockerEngine(settings["docker"], CommandLog(project.logs / "commands.sh"))
         with BuildProgress([j.name for j in plan]) as progress:
             done = building.execute(project, plan, engine, options, on_change=progress.update)
-    if noop_key is not None:  # the engine's version, so the no-op path need not ask for it
-        obj.remember(noop_key, {**known, "engine": done.engine_version})
+    if answer is not None and all(r.ok for r in done.results):
+        obj.keep_answer(answer, options)
     summary(done.results)
     click.echo(f"report: {done.record.relative_to(project.root)}", err=True)
     building.raise_for_failures(done.results)
-
-
-def _already_built(obj: Context, key: str, cli: dict[str, object], started: float) -> bool:
-    """The no-op path: the jobs of an earlier identical call, checked against one Engine API
-    snapshot. True (and the build record written) when every image is built and tagged."""
-    from builder import options as opts
-    from builder import record
-    from builder.engine import local_snapshot
-
-    known = obj.recall(key)
-    if known is None:
-        return False
-    snapshot = local_snapshot(str(known["image"]), version=known.get("engine"))
-    fresh = record.up_to_date([record.Planned.from_json(j) for j in known["jobs"]], snapshot)
-    if fresh is None or snapshot is None:
-        return False
-    if "engine" not in known:
-        obj.remember(key, {**known, "engine": snapshot.engine_version})
-    settings = opts.resolve(BUILD_OPTIONS, cli, obj.environ, {"registry": known["registry"] or None})
-    project = obj.project
-    options = opts.options_from(settings)
-    options.check(project)
-    for r in fresh:
-        click.echo(f"{r.image}: up-to-date ({(r.image_id or '')[:19]}, {r.tags[-1]})", err=True)
-    path = record.record(project, fresh, options, snapshot.engine_version, started)
-    click.echo(f"report: {path.relative_to(project.root)}", err=True)
-    return True
 
 
 @click.command("prune")

@@ -31,6 +31,7 @@ R = TypeVar("R")
 class Context:
     matrix_path: Path
     debug: bool
+    argv: tuple[str, ...] | None = None  # the raw arguments, when run as the console script
 
     @property
     def project(self) -> Project:
@@ -55,44 +56,16 @@ class Context:
             text = self.matrix_path.read_bytes()
         except OSError:
             return None  # config.load says what is wrong
-        return memo.digest(["load", memo.builder_sources(), str(self.matrix_path.resolve()), text])
+        return memo.digest(["load", memo.builder_stamp(), str(self.matrix_path.resolve()), text])
 
     @property
     def environ(self) -> Mapping[str, str]:
         return os.environ
 
-    def noop_key(self, command: str, selectors: Sequence[str], cli: Mapping[str, Any]) -> str | None:
-        """The key of a no-op answer: the resolution's inputs, the runtime/ tree, the selectors
-        and the options that change what is built (base maps)."""
-        from builder import memo
-
-        key = self._load_key()
-        if key is None or not self.project.runtime.is_dir():
-            return None
-        parts = [
-            command,
-            key,
-            memo.tree_stamp(self.project.runtime),
-            *selectors,
-            "\0",
-            repr(cli.get("base_map")),
-        ]
-        return memo.digest(["noop", *parts])
-
-    def recall(self, key: str) -> Any:
-        from builder import memo
-
-        return memo.read_json(self.project.memo, key)
-
-    def remember(self, key: str, value: Any) -> None:
-        from builder import memo
-
-        memo.write_json(self.project.memo, key, value)
-
     def jobs(
         self, res: Resolution, kb: Knowledge, cells: Sequence[Cell], options: BuildOptions
     ) -> list[BuildJob]:
-        """`jobs.plan_jobs`, memoized on the resolution, the runtime/ tree and the options that matter."""
+        """`jobs.plan_jobs`, memoized on the resolution, templates/, runtime/ and the options."""
         from builder import jobs, memo
 
         project = self.project
@@ -103,8 +76,35 @@ class Context:
 
         if key is None or not project.runtime.is_dir():
             return compute()
-        parts = [key, memo.tree_stamp(project.runtime), repr(options.base_map), *(c.id for c in cells)]
+        parts = [
+            key,
+            memo.tree_stamp(project.templates),
+            memo.tree_stamp(project.runtime),
+            repr(options),  # every option, over-keyed on purpose: plan_jobs reads several
+            *(c.id for c in cells),
+        ]
         return memo.cached(project.memo, memo.digest(["jobs", *parts]), compute)
+
+    def keep_answer(self, answer: Mapping[str, Any], options: BuildOptions) -> None:
+        """Store an up-to-date `build` answer for builder.uptodate.replay of this invocation:
+        keyed by its raw arguments (only the console script has them), with stamps of the
+        matrix, templates/ and runtime/ and the environment variables the options read."""
+        if self.argv is None:
+            return
+        from builder import proxy, uptodate
+
+        if any(proxy.redact(url) != url for url in (options.http_proxy, options.https_proxy)):
+            return  # the invocation would be kept as it is: a proxy password never goes to disk
+
+        project = self.project
+        inputs = [(str(p), None) for p in (project.matrix, project.templates, project.runtime)]
+        exists = [
+            (str(path), kind)
+            for path, kind in ((options.wheelhouse, "dir"), (options.ca_bundle, "file"))
+            if path is not None
+        ]
+        names = [row.env for row in opts.OPTIONS if row.env]
+        uptodate.store(str(self.matrix_path), self.argv, os.environ, names, inputs, exists, answer)
 
     def settings(
         self, cli: Mapping[str, Any], names: Iterable[str] | None = None, cfg: MatrixConfig | None = None

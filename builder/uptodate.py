@@ -1,17 +1,18 @@
-"""The up-to-date answer: `build` replayed when nothing that decides it has changed.
+"""Replayed answers: `build` and `render` answered when nothing that decides them has changed.
 
 An up-to-date `make images` should cost what `make` costs when nothing changed (issue #15).
 When a `build` (not `--push`, not `--dry-run`) leaves every selected image built and tagged,
-it stores its answer in build/cache/memo/ under the exact invocation: the arguments, the
-working directory, the environment variables the options read, and stamps (names, sizes and
-mtimes, like make) of everything the answer was computed from: the matrix file, templates/,
-runtime/ and the builder's own code and knowledge. The console script (builder/__main__.py)
-asks `replay` first. When every stamp still matches and one Engine API request shows each
-image still carrying its content hash under every tag, it prints the same lines and writes
-the same build record as the full path, before click, YAML, the resolver, Jinja or the
-docker SDK are imported. Anything else (a miss, a changed stamp, a moved tag, an engine that
-is not a local socket) falls through to the full CLI, which decides properly: this path can
-only say "up to date" for what the full path already said it of.
+or a `render` changes nothing, it keeps its answer in build/cache/memo/ under the exact
+invocation: the arguments, the working directory, the environment variables the options
+read, and stamps (names, sizes and mtimes, like make) of everything the answer was computed
+from, taken before it was read: the matrix file, templates/, runtime/, the builder's own code
+and knowledge, and for `render` images/ itself. The console script (builder/__main__.py) asks
+`replay` first. When every stamp still matches (and, for `build`, one Engine API inspect per
+image shows each still carrying its content hash under every tag), it prints the same lines
+and writes the same build record as the full path, before click, YAML, the resolver, Jinja or
+the docker SDK are imported. Anything else (a miss, a changed stamp, a moved tag, an engine
+that is not a local socket) falls through to the full CLI, which decides properly: this path
+only repeats what the full path already said.
 
 The standard library (none of dataclasses, typing or pathlib at run time: their imports cost
 more than the rest of this path), builder.memo and the label names of builder.contract;
@@ -46,14 +47,19 @@ def memo_folder(matrix: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(matrix)), "build", "cache", "memo")
 
 
+# The commands whose up-to-date answer can be replayed: `build` (checked against the engine)
+# and `render` (its answer is its output, when images/ is what it last wrote).
+REPLAYABLE = ("build", "render")
+
+
 def locate(argv: Sequence[str], environ: Mapping[str, str]) -> str | None:
-    """The matrix file of a `build` invocation, from the global options before the command
-    name; None for any other shape of argv (the CLI then parses it properly)."""
+    """The matrix file of a `build` or `render` invocation, from the global options before the
+    command name; None for any other shape of argv (the CLI then parses it properly)."""
     matrix = None
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if arg == "build":
+        if arg in REPLAYABLE:
             return matrix or environ.get(MATRIX_ENV) or MATRIX_FILE
         if arg in MATRIX_FLAGS and i + 1 < len(argv):
             matrix, i = argv[i + 1], i + 2
@@ -212,19 +218,30 @@ def answer(entry: Mapping[str, Any], started: float, *, environ: Mapping[str, st
     return True
 
 
+def stamps(inputs: Iterable[str]) -> list[list[Any]]:
+    """Stamps of the files and folders an answer is computed from, and of the builder's own
+    sources. Taken *before* they are read, so an edit during the run makes the kept answer
+    stale, never wrong."""
+    rows: list[tuple[str, tuple[str, ...] | None]] = [(path, None) for path in inputs]
+    return [
+        [path, list(suffixes) if suffixes else None, memo.tree_stamp(path, suffixes)]
+        for path, suffixes in [*rows, *memo.builder_sources()]
+    ]
+
+
 def store(
     matrix: str,
     argv: Sequence[str],
     environ: Mapping[str, str],
     env_names: Iterable[str],
-    inputs: Iterable[tuple[str, tuple[str, ...] | None]],
+    inputs: list[list[Any]],
     exists: Iterable[tuple[str, str]],
     answer: Mapping[str, Any],
 ) -> None:
     """Keep an answer the full path just gave, for `replay` of the same invocation.
 
-    inputs: the files and folders it was computed from (stamped now); exists: paths the
-    options checked ("dir" or "file"), which must still be there.
+    inputs: `stamps` taken when the run began; exists: paths the options checked ("dir" or
+    "file"), which must still be there.
     """
     cwd = os.getcwd()
     names = sorted({*env_names, *ENGINE_ENV})
@@ -233,10 +250,7 @@ def store(
         "argv": list(argv),
         "cwd": cwd,
         "env": {name: environ.get(name) for name in names},
-        "inputs": [
-            [path, list(s) if s else None, memo.tree_stamp(path, s)]
-            for path, s in [*inputs, *memo.builder_sources()]
-        ],
+        "inputs": inputs,
         "exists": [list(e) for e in exists],
         **answer,
     }
@@ -244,7 +258,8 @@ def store(
 
 
 def replay(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> bool:
-    """Answer an up-to-date `build` from its stored answer; False when the full CLI must run."""
+    """Answer an up-to-date `build` or `render` from its stored answer; False when the full CLI
+    must run (and then nothing was printed or written)."""
     started = time.time()
     env = os.environ if environ is None else environ
     matrix = locate(argv, env)
@@ -252,6 +267,19 @@ def replay(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> boo
         return False
     cwd = os.getcwd()
     entry = memo.read_json(memo_folder(matrix), answer_key(matrix, argv, cwd))
+    try:
+        if not _still_true(entry, argv, cwd, env):
+            return False
+        if "stdout" in entry:  # render: images/ is what it was when this was said
+            sys.stdout.write(str(entry["stdout"]))
+            sys.stdout.flush()
+            return True
+        return answer(entry, started, environ=env)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+        return False  # an entry of another shape: the full path decides (and overwrites it)
+
+
+def _still_true(entry: Any, argv: Sequence[str], cwd: str, env: Mapping[str, str]) -> bool:
     if not isinstance(entry, dict) or entry.get("format") != _ANSWER_FORMAT:
         return False
     if entry["argv"] != list(argv) or entry["cwd"] != cwd:
@@ -261,7 +289,7 @@ def replay(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> boo
     for path, kind in entry["exists"]:
         if not (os.path.isdir(path) if kind == "dir" else os.path.isfile(path)):
             return False
-    for path, suffixes, stamp in entry["inputs"]:
-        if memo.tree_stamp(path, tuple(suffixes) if suffixes else None) != stamp:
-            return False
-    return answer(entry, started, environ=env)
+    return all(
+        memo.tree_stamp(path, tuple(suffixes) if suffixes else None) == stamp
+        for path, suffixes, stamp in entry["inputs"]
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socketserver
 import subprocess
@@ -319,3 +320,24 @@ def test_a_proxy_password_keeps_no_answer(
     for path in (project_copy / "build").rglob("*"):
         if path.is_file():
             assert b"s3cr3t-pw" not in path.read_bytes(), path
+
+
+@pytest.mark.parametrize("args", [("render",), ("render", "--check")])
+def test_an_unchanged_render_is_replayed_until_images_or_its_inputs_change(
+    project_copy: Path, monkeypatch: pytest.MonkeyPatch, capsys, args: tuple[str, ...]
+) -> None:
+    monkeypatch.chdir(project_copy)
+    assert not replayed(capsys, *args), "nothing kept yet"
+    code, _ = full_cli(monkeypatch, capsys, "render")  # may write files: keeps no answer
+    assert code == 0
+    capsys.readouterr()
+    cli.main(list(args))  # changes nothing: keeps its answer
+    said = capsys.readouterr().out
+    assert re.fullmatch(r"\d+ files rendered, 0 changed\n|images/ is up to date \(\d+ files\)\n", said), said
+    assert replayed(capsys, *args)
+    assert capsys.readouterr().out == said, "the same words"
+    dockerfile = next((project_copy / "images").glob("*/Dockerfile"))
+    dockerfile.write_text(dockerfile.read_text() + "# hand edit\n")
+    assert not replayed(capsys, *args), "images/ changed by hand: render must rewrite (or --check fail)"
+    code, _ = full_cli(monkeypatch, capsys, *args)
+    assert code == (0 if args == ("render",) else 4)

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from builder.commands.common import Context, option
+
+if TYPE_CHECKING:
+    from builder.options import BuildOptions
 
 BUILD_OPTIONS = (
     "jobs",
@@ -56,6 +61,7 @@ def build(obj: Context, /, selectors: tuple[str, ...], **cli: object) -> None:
     from builder.errors import ConfigError
 
     started = time.time()
+    stamps = obj.stamp_inputs()  # before anything is read: an edit during the run is a change
     cfg, kb, res = obj.load()
     settings = obj.settings(cli, BUILD_OPTIONS, cfg)
     options = opts.options_from(settings)
@@ -68,7 +74,7 @@ def build(obj: Context, /, selectors: tuple[str, ...], **cli: object) -> None:
     # next identical call before any of the above is even imported).
     answer = None if options.dry_run or options.push else record.up_to_date_answer(project, plan, options)
     if answer is not None and uptodate.answer(answer, started):
-        obj.keep_answer(answer, options)
+        _keep(obj, stamps, answer, options)
         return
     if options.dry_run:
         for line in settings.lines():
@@ -84,10 +90,23 @@ def build(obj: Context, /, selectors: tuple[str, ...], **cli: object) -> None:
         with BuildProgress([j.name for j in plan]) as progress:
             done = building.execute(project, plan, engine, options, on_change=progress.update)
     if answer is not None and all(r.ok for r in done.results):
-        obj.keep_answer(answer, options)
+        _keep(obj, stamps, answer, options)
     summary(done.results)
     click.echo(f"report: {done.record.relative_to(project.root)}", err=True)
     building.raise_for_failures(done.results)
+
+
+def _keep(obj: Context, stamps: Any, answer: Mapping[str, Any], options: BuildOptions) -> None:
+    """Keep the answer for the next identical `build`, which the wheelhouse and CA bundle it
+    checked must still exist for; never one whose invocation holds a proxy password."""
+    from builder import proxy
+
+    if any(proxy.redact(url) != url for url in (options.http_proxy, options.https_proxy)):
+        return  # the answer is kept under the invocation as given: no password goes to disk
+    exists = [
+        (str(path), kind) for path, kind in ((options.wheelhouse, "dir"), (options.ca_bundle, "file")) if path
+    ]
+    obj.keep_answer(stamps, answer, exists)
 
 
 @click.command("prune")

@@ -85,26 +85,31 @@ class Context:
         ]
         return memo.cached(project.memo, memo.digest(["jobs", *parts]), compute)
 
-    def keep_answer(self, answer: Mapping[str, Any], options: BuildOptions) -> None:
-        """Store an up-to-date `build` answer for builder.uptodate.replay of this invocation:
-        keyed by its raw arguments (only the console script has them), with stamps of the
-        matrix, templates/ and runtime/ and the environment variables the options read."""
+    def stamp_inputs(self, *outputs: Path) -> list[list[Any]] | None:
+        """Stamps of what a replayable answer (builder.uptodate) depends on: the matrix,
+        templates/, runtime/, the builder's sources and any outputs it must find unchanged.
+        None when there is no invocation to keep an answer under (not the console script)."""
         if self.argv is None:
-            return
-        from builder import proxy, uptodate
-
-        if any(proxy.redact(url) != url for url in (options.http_proxy, options.https_proxy)):
-            return  # the invocation would be kept as it is: a proxy password never goes to disk
+            return None
+        from builder import uptodate
 
         project = self.project
-        inputs = [(str(p), None) for p in (project.matrix, project.templates, project.runtime)]
-        exists = [
-            (str(path), kind)
-            for path, kind in ((options.wheelhouse, "dir"), (options.ca_bundle, "file"))
-            if path is not None
-        ]
+        return uptodate.stamps(str(p) for p in (project.matrix, project.templates, project.runtime, *outputs))
+
+    def keep_answer(
+        self,
+        stamps: list[list[Any]] | None,
+        answer: Mapping[str, Any],
+        exists: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        """Keep an up-to-date answer for builder.uptodate.replay of this same invocation: its
+        raw arguments, working directory and the environment variables the options read."""
+        if self.argv is None or stamps is None:
+            return
+        from builder import uptodate
+
         names = [row.env for row in opts.OPTIONS if row.env]
-        uptodate.store(str(self.matrix_path), self.argv, os.environ, names, inputs, exists, answer)
+        uptodate.store(str(self.matrix_path), self.argv, os.environ, names, stamps, exists, answer)
 
     def settings(
         self, cli: Mapping[str, Any], names: Iterable[str] | None = None, cfg: MatrixConfig | None = None

@@ -14,15 +14,20 @@ def render(obj: Context, check: bool) -> None:
     """Write images/<image>/Dockerfile for every image, and images/README.md."""
     from builder import render as rendering
 
-    _, kb, res = obj.load()
     project = obj.project
+    stamps = obj.stamp_inputs(project.images)  # images/ too: the answer holds while it is unchanged
+    _, kb, res = obj.load()
     files = rendering.render_all(project, res, kb)
     if check:
         rendering.check(project, files)
-        click.echo(f"images/ is up to date ({len(files)} files)")
-        return
-    changed = rendering.write(project, files)
-    for path in changed:
-        verb = "wrote" if path.exists() else "removed"
-        click.echo(f"{verb} {path.relative_to(project.root)}")
-    click.echo(f"{len(files)} files rendered, {len(changed)} changed")
+        said = f"images/ is up to date ({len(files)} files)"
+    else:
+        changed = rendering.write(project, files)
+        for path in changed:
+            verb = "wrote" if path.exists() else "removed"
+            click.echo(f"{verb} {path.relative_to(project.root)}")
+        said = f"{len(files)} files rendered, {len(changed)} changed"
+        if changed:
+            stamps = None  # images/ just changed: the next render answers, and keeps that answer
+    click.echo(said)
+    obj.keep_answer(stamps, {"stdout": said + "\n"})

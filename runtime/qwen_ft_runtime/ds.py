@@ -261,6 +261,39 @@ def hf_zero3_context(config: dict[str, Any]) -> Any:
     return HfDeepSpeedConfig(config)  # type: ignore[no-untyped-call, unused-ignore]
 
 
+def run_config(
+    spec: DsSpec,
+    *,
+    dtype: str,
+    lr: float,
+    batch_size: int,
+    world_size: int,
+    steps: int,
+    warmup_steps: int,
+    device_type: str,
+    hidden_size: int,
+    sharded_load: bool,
+) -> tuple[dict[str, Any], Any]:
+    """The config for one `smoke` or `train` run (gradients clipped at 1.0, no weight decay,
+    as both have always run), and, for ZeRO-3 with a checkpoint loaded sharded, the
+    `hf_zero3_context` the caller must keep referenced while the model loads (else None)."""
+    config = resolve_config(
+        spec,
+        dtype=dtype,
+        lr=lr,
+        batch_size=batch_size,
+        world_size=world_size,
+        steps=steps,
+        warmup_steps=warmup_steps,
+        max_grad_norm=1.0,
+        weight_decay=0.0,
+        device_type=device_type,
+        hidden_size=hidden_size,
+    )
+    zero3 = hf_zero3_context(config) if spec.stage == 3 and sharded_load else None
+    return config, zero3
+
+
 def initialize(model: Any, params: list[Any], config: dict[str, Any], spec: DsSpec) -> Engine:
     deepspeed = import_deepspeed()
     optimizer = None

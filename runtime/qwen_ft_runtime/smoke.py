@@ -234,9 +234,11 @@ def _smoke_one(
         ds_config = None
         zero3 = None
         if spec is not None:
-            from .ds import hf_zero3_context, resolve_config
+            from .ds import run_config
 
-            ds_config = resolve_config(
+            # Only a checkpoint loads sharded; the tiny models are built whole and ZeRO-3
+            # partitions them when the engine starts.
+            ds_config, zero3 = run_config(
                 spec,
                 dtype=precision.dtype,
                 lr=lr,
@@ -244,15 +246,10 @@ def _smoke_one(
                 world_size=ctx.world_size,
                 steps=args.steps,
                 warmup_steps=0,
-                max_grad_norm=1.0,
-                weight_decay=0.0,
                 device_type=device.type,
                 hidden_size=hidden,
+                sharded_load=model_path is not None,
             )
-            # Only a checkpoint loads sharded; the tiny models are built whole and ZeRO-3
-            # partitions them when the engine starts.
-            if spec.stage == 3 and model_path is not None:
-                zero3 = hf_zero3_context(ds_config)
         if model_path is not None:
             model, tokenizer = load_pretrained(
                 model_path, precision.attn, weights, device, sharded=zero3 is not None

@@ -135,11 +135,11 @@ def _train(
     steps = args.steps if args.steps is not None else max(1, round(args.epochs * per_epoch))
     warmup_steps = math.ceil(args.warmup_ratio * steps)
     ds_config = None
-    zero3 = None
+    zero3 = None  # must stay referenced while the model loads
     if spec is not None:
-        from .ds import hf_zero3_context, resolve_config
+        from .ds import run_config
 
-        ds_config = resolve_config(
+        ds_config, zero3 = run_config(
             spec,
             dtype=precision.dtype,
             lr=lr,
@@ -147,13 +147,10 @@ def _train(
             world_size=ctx.world_size,
             steps=steps,
             warmup_steps=warmup_steps,
-            max_grad_norm=1.0,
-            weight_decay=0.0,
             device_type=device.type,
             hidden_size=int(checkpoint_config(model_path).get("hidden_size", 0)),
+            sharded_load=True,
         )
-        if spec.stage == 3:
-            zero3 = hf_zero3_context(ds_config)  # must stay referenced while the model loads
     model, _ = load_pretrained(
         model_path,
         precision.attn,

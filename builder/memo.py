@@ -14,6 +14,7 @@ through this module before anything else is imported.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -78,14 +79,10 @@ def builder_sources() -> list[tuple[str, tuple[str, ...] | None]]:
     return [(here, (".py", ".yaml")), (interface, (".py",))]
 
 
-_SOURCES: list[str] = []
-
-
+@functools.cache
 def builder_stamp() -> str:
     """One stamp of `builder_sources`, taken once per process."""
-    if not _SOURCES:
-        _SOURCES.append(digest(tree_stamp(path, suffixes) for path, suffixes in builder_sources()))
-    return _SOURCES[0]
+    return digest(tree_stamp(path, suffixes) for path, suffixes in builder_sources())
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:

@@ -58,10 +58,6 @@ class Context:
             return None  # config.load says what is wrong
         return memo.digest(["load", memo.builder_stamp(), str(self.matrix_path.resolve()), text])
 
-    @property
-    def environ(self) -> Mapping[str, str]:
-        return os.environ
-
     def jobs(
         self, res: Resolution, kb: Knowledge, cells: Sequence[Cell], options: BuildOptions
     ) -> list[BuildJob]:
